@@ -1,0 +1,1 @@
+"""WebDataset DataModules: the base stream (webdataset.py), one file per data kind, synth/ and convert/."""

@@ -1,0 +1,20 @@
+"""`omnilab data convert <dataset>`: the registry of converters from real datasets to shards.
+
+A converter module defines `add_arguments(parser)` and `convert(args) -> Path` (the index it wrote).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+CONVERTERS: dict[str, str] = {
+    "egoexo4d": "datamodules.convert.egoexo4d",
+}
+
+
+def converter(name: str) -> Any:
+    """Import the converter module of a dataset."""
+    if name not in CONVERTERS:
+        raise KeyError(f"unknown dataset {name!r}; choose from {', '.join(sorted(CONVERTERS))}")
+    return importlib.import_module(CONVERTERS[name])

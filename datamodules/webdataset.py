@@ -1,0 +1,663 @@
+"""The WebDataset base DataModule: deterministic, resumable, DDP-safe shard streams (DESIGN.md "Data").
+
+Shards are tar files in the WebDataset layout: members `<key>.<ext>`, grouped by key. A data kind
+subclasses `WebDataModule`, lists its `required` members, and supplies a picklable `transform(train)`
+that turns one decoded sample into tensors (raising `BadSample` when it cannot).
+
+Decoding never unpickles: only images, `.json`, `.txt`, `.npy` (allow_pickle=False) and `.cls` are
+read. A sample with any other member (`.pyd`, `.pth`, `.pickle`, ...), a missing member, a corrupt
+image or a failed transform is skipped and counted; past `max_skip_fraction` the run stops with the
+shard and key named.
+
+The training stream (why resume is exact and DDP parity holds):
+- There are S = `num_streams` virtual streams. Stream v reads shard slots v, v+S, v+2S, ...; slot k is
+  shard `perm(seed, epoch, k // n)[k % n]`, a fresh permutation of the n shards every cycle. Samples pass
+  a shuffle buffer seeded from (seed, epoch, v) that drains at the end of each cycle, so one stream
+  never repeats a sample within a pass; augmentation draws from (seed, epoch, v, index).
+- Stream v belongs to worker slot `v % W` of rank `(v // W) % R`. Rank-local batch b is made by worker
+  slot `b % W` from c = B*R*W/S consecutive samples of each of the slot's streams. So with the same S and
+  global batch, the global batch at every step holds the same samples on 1 process or on R processes.
+- An epoch is `batches_per_epoch` batches per rank, and each epoch re-seeds every stream.
+- The position is (epoch, batches the trainer finished in the epoch): read from the trainer's loop
+  progress, identical on every rank, saved in the checkpoint as the loader's `state_dict`. On resume each
+  stream replays the samples it had already delivered (decoded and discarded), then continues.
+Evaluation streams are finite: shard i goes to global worker i mod (R*W), read in order, never repeated.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Collection, Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen, rewrite_url
+
+from omnilab.seeding import numpy_rng
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
+ALLOW_PIPE_ENV = "OMNILAB_ALLOW_PIPE"
+MIN_SKIP_DENOMINATOR = 20  # the skip fraction is judged against at least this many samples
+Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used: it is skipped and counted, never trained on."""
+
+
+class DataError(RuntimeError):
+    """The data stream cannot go on (too many bad samples, no readable shards)."""
+
+
+# --------------------------------------------------------------------------- members: decode / encode
+
+
+def member_kind(ext: str) -> str:
+    """The last extension of a member name: `src.mask.png` -> `png`."""
+    return ext.rsplit(".", 1)[-1].lower()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode image bytes to HxWx3 uint8 (colour), HxW uint8 (grey) or HxW uint16/int32/float32."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode in ("L", "RGB", "I;16", "I", "F"):
+            arr = np.asarray(img)
+        elif img.mode in ("1", "LA"):
+            arr = np.asarray(img.convert("L"))
+        else:
+            arr = np.asarray(img.convert("RGB"))
+    return np.array(arr)  # own, writable memory
+
+
+def decode_member(ext: str, data: bytes) -> Any:
+    """Decode one member by its extension; any extension not listed here is refused, never executed."""
+    kind = member_kind(ext)
+    if kind in IMAGE_EXTS:
+        return decode_image(data)
+    if kind == "json":
+        return json.loads(data)
+    if kind == "txt":
+        return data.decode("utf-8")
+    if kind == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if kind in ("cls", "idx"):
+        return int(data)
+    raise BadSample(
+        f"member .{ext} refused: only images, json, txt, npy and cls are decoded (nothing is unpickled)"
+    )
+
+
+def encode_member(ext: str, value: Any) -> bytes:
+    """Encode one member by its extension (the inverse of `decode_member`)."""
+    kind = member_kind(ext)
+    if isinstance(value, bytes):
+        return value
+    if kind in IMAGE_EXTS:
+        buf = io.BytesIO()
+        img = Image.fromarray(np.asarray(value))
+        if kind in ("jpg", "jpeg"):
+            img.save(buf, format="JPEG", quality=95)
+        else:
+            img.save(buf, format="PNG" if kind == "png" else kind.upper())
+        return buf.getvalue()
+    if kind == "json":
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    if kind == "txt":
+        return str(value).encode()
+    if kind == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(value), allow_pickle=False)
+        return buf.getvalue()
+    if kind in ("cls", "idx"):
+        return str(int(value)).encode()
+    raise ValueError(f"cannot encode member .{ext}: use an image, json, txt, npy or cls extension")
+
+
+def decode_sample(raw: dict[str, Any], required: Collection[str]) -> dict[str, Any]:
+    """Decode every member of a raw sample; raise BadSample on a missing, refused or corrupt member."""
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise BadSample(f"missing member(s) {', '.join('.' + m for m in missing)}")
+    out: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw.get("__url__", "")}
+    for ext, data in raw.items():
+        if ext.startswith("__"):
+            continue
+        try:
+            out[ext] = decode_member(ext, data)
+        except BadSample:
+            raise
+        except Exception as err:
+            raise BadSample(f"member .{ext} does not decode: {type(err).__name__}: {err}") from err
+    return out
+
+
+# --------------------------------------------------------------------------- shards: write / index / read
+
+
+class ShardWriter:
+    """Writes samples to `<out_dir>/<split>-NNNNNN.tar`; same samples in, same bytes out."""
+
+    def __init__(self, out_dir: str | Path, split: str, max_count: int = 100) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.split, self.max_count = split, max_count
+        self.shards: list[tuple[str, int]] = []
+        self._tar: tarfile.TarFile | None = None
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
+        self.shards.append((name, 0))
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Write one sample: `__key__` plus one value per member extension (encoded by extension)."""
+        key = sample["__key__"]
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        if self._tar is None or self.shards[-1][1] >= self.max_count:
+            self._open_next()
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            data = encode_member(ext, sample[ext])
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "omnilab"
+            self._tar.addfile(info, io.BytesIO(data))
+        name, count = self.shards[-1]
+        self.shards[-1] = (name, count + 1)
+
+    def close(self) -> list[tuple[str, int]]:
+        """Close the open shard; return [(shard name, sample count)]."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+INDEX_NAME = "index.json"
+
+
+def write_index(out_dir: str | Path, **fields: Any) -> Path:
+    """Write `<out_dir>/index.json` (kind, seed, keys, splits: {split: {shards, counts, samples}}, ...)."""
+    path = Path(out_dir) / INDEX_NAME
+    path.write_text(json.dumps(fields, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_index(data_dir: str | Path | None) -> dict[str, Any] | None:
+    """The index JSON written beside a shard set, or None when there is none."""
+    if data_dir is None:
+        return None
+    path = Path(data_dir) / INDEX_NAME
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Expand a shard spec (brace pattern, `::` list, local glob, URL) to a list of shard URLs."""
+    urls: list[str] = []
+    for part in [spec] if isinstance(spec, str) else spec:
+        for url in wds.shardlists.expand_urls(str(part)):
+            if rewrite_url(url).startswith("pipe:") and os.environ.get(ALLOW_PIPE_ENV) != "1":
+                raise ValueError(
+                    f"shard {url!r} is a pipe: command; set {ALLOW_PIPE_ENV}=1 to allow pipe: shards"
+                )
+            if "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
+                urls.extend(sorted(glob.glob(url)))
+            else:
+                urls.append(url)
+    if not urls:
+        raise FileNotFoundError(f"no shards match {spec!r}")
+    return urls
+
+
+def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Yield the raw samples of one shard: `{"__key__", "__url__", ext: bytes, ...}`."""
+    with gopen(url) as stream:
+        files = ({**f, "__url__": url} for f in wds.tariterators.tar_file_iterator(stream))
+        yield from wds.tariterators.group_by_keys(files)
+
+
+def shuffled(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """A shuffle buffer of `size` items drawing from `rng`; drains in random order at the end."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buf[i]
+        buf[i] = item
+    for i in rng.permutation(len(buf)):
+        yield buf[i]
+
+
+def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors of equal shape, tensorize numbers, keep everything else as a list."""
+    out: dict[str, Any] = {}
+    for k in examples[0]:
+        vals = [e[k] for e in examples]
+        if isinstance(vals[0], torch.Tensor) and all(v.shape == vals[0].shape for v in vals):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], bool | int | float):
+            out[k] = torch.tensor(vals)
+        else:
+            out[k] = vals
+    return out
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class SkipCounter:
+    """Counts good and bad samples of one worker into its row of a shared tensor; stops past `max_fraction`."""
+
+    def __init__(self, max_fraction: float, totals: torch.Tensor | None = None) -> None:
+        self.max_fraction, self.seen, self.skipped = max_fraction, 0, 0
+        self.totals = totals  # [2] = (seen, skipped), shared with the main process
+
+    def good(self) -> None:
+        """Count a usable sample."""
+        self.seen += 1
+        if self.totals is not None:
+            self.totals[0] += 1
+
+    def bad(self, url: str, key: str, reason: str) -> None:
+        """Count a skipped sample and stop if too many were skipped."""
+        self.seen += 1
+        self.skipped += 1
+        if self.totals is not None:
+            self.totals += 1
+        if self.skipped <= 10:
+            log.warning("skipped sample %s in %s: %s", key, url, reason)
+        if self.skipped > self.max_fraction * max(self.seen, MIN_SKIP_DENOMINATOR):
+            raise DataError(
+                f"{self.skipped} of {self.seen} samples skipped (> max_skip_fraction={self.max_fraction}); "
+                f"last: shard {url} key {key}: {reason}"
+            )
+
+
+class _Stream(IterableDataset):
+    """What train and eval streams share: shards, transform, placement and skip accounting."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        transform: Transform,
+        required: Collection[str],
+        batch_size: int,
+        seed: int,
+        max_skip_fraction: float,
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_examples,
+    ) -> None:
+        self.shards, self.transform, self.required = shards, transform, tuple(required)
+        self.batch_size, self.seed, self.max_skip_fraction, self.collate = (
+            batch_size,
+            seed,
+            max_skip_fraction,
+            collate,
+        )
+        self.rank, self.world, self.num_workers = 0, 1, 0
+        self.stats = torch.zeros(1, 2, dtype=torch.int64)
+
+    def place(self, rank: int, world: int, num_workers: int) -> None:
+        """Tell the stream where it runs (called in the main process before workers start)."""
+        self.rank, self.world, self.num_workers = rank, world, num_workers
+        if len(self.stats) != max(num_workers, 1):
+            self.stats = torch.zeros(max(num_workers, 1), 2, dtype=torch.int64)
+        self.stats.share_memory_()
+
+    def counter(self, worker: int) -> SkipCounter:
+        """A skip counter writing into this worker's row of the shared totals."""
+        return SkipCounter(self.max_skip_fraction, self.stats[worker])
+
+    def totals(self) -> tuple[int, int]:
+        """(samples seen, samples skipped) over all workers and iterations so far."""
+        seen, skipped = self.stats.sum(0).tolist()
+        return seen, skipped
+
+    def _example(self, raw: dict[str, Any], rng: np.random.Generator, counter: SkipCounter) -> dict | None:
+        url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+        try:
+            example = self.transform(decode_sample(raw, self.required), rng)
+        except BadSample as err:
+            counter.bad(url, key, str(err))
+            return None
+        counter.good()
+        example.setdefault("__key__", key)
+        return example
+
+
+class TrainStream(_Stream):
+    """Endless, reseeded-per-epoch training stream of `batches_per_epoch` batches per rank (see module doc)."""
+
+    def __init__(
+        self, *args: Any, batches_per_epoch: int, shuffle_buffer: int, num_streams: int | None, **kw: Any
+    ):
+        super().__init__(*args, **kw)
+        self.batches_per_epoch, self.shuffle_buffer, self.num_streams = (
+            batches_per_epoch,
+            shuffle_buffer,
+            num_streams,
+        )
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        """Start the next iteration at batch `start_batch` of `epoch`."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def layout(self) -> tuple[int, int, int]:
+        """(worker slots W, streams S, samples per stream per batch c), checked for divisibility."""
+        workers = max(self.num_workers, 1)
+        streams = self.num_streams or self.world * workers
+        if streams % (self.world * workers):
+            raise ValueError(
+                f"data.num_streams={streams} must be a multiple of world size x workers = {self.world} x {workers}"
+            )
+        per_rank = streams // self.world
+        if (self.batch_size * workers) % per_rank:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} x workers {workers} must be a multiple of the "
+                f"{per_rank} streams each rank reads (data.num_streams={streams}, world size {self.world})"
+            )
+        return workers, streams, self.batch_size * workers // per_rank
+
+    def _cycle(self, v: int, streams: int, cycle: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Raw samples of stream v in one cycle: its slots of this cycle's shard permutation."""
+        n = len(self.shards)
+        perm = numpy_rng(self.seed, "shards", self.epoch, cycle).permutation(n)
+        for slot in range(cycle * n + (v - cycle * n) % streams, (cycle + 1) * n, streams):
+            url = self.shards[perm[slot - cycle * n]]
+            try:
+                yield from iter_raw_samples(url)
+            except (OSError, tarfile.TarError, ValueError) as err:
+                counter.bad(url, "-", f"unreadable shard: {type(err).__name__}: {err}")
+
+    def _stream(self, v: int, streams: int, skip: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Examples of stream v: cycle after cycle, each shuffled within itself, the first `skip` dropped."""
+        shuffle_rng = numpy_rng(self.seed, "shuffle", self.epoch, v)
+        index, barren = 0, 0
+        for cycle in itertools.count():
+            produced = 0
+            for sample in shuffled(self._cycle(v, streams, cycle, counter), self.shuffle_buffer, shuffle_rng):
+                produced += 1
+                example = self._example(sample, numpy_rng(self.seed, "sample", self.epoch, v, index), counter)
+                if example is None:
+                    continue
+                index += 1
+                if index > skip:
+                    yield example
+            barren = 0 if produced else barren + 1
+            if barren > streams + 1:
+                raise DataError(f"no readable samples in {len(self.shards)} shard(s), e.g. {self.shards[0]}")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        workers, streams, per_stream = self.layout()
+        first = self.start_batch + worker
+        if first >= self.batches_per_epoch:
+            return
+        slot = first % workers
+        mine = [v for v in range(streams) if v % workers == slot and (v // workers) % self.world == self.rank]
+        done = max(0, -(-(self.start_batch - slot) // workers))  # batches of this slot already delivered
+        counter = self.counter(worker)
+        its = [self._stream(v, streams, done * per_stream, counter) for v in mine]
+        for _ in range(first, self.batches_per_epoch, workers):
+            yield self.collate([ex for it in its for ex in itertools.islice(it, per_stream)])
+
+
+class EvalStream(_Stream):
+    """Finite stream: shard i to global worker i mod (R*W), read once, in order."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        workers = max(self.num_workers, 1)
+        me = self.rank * workers + worker
+        counter, batch = self.counter(worker), []
+        for url in self.shards[me :: self.world * workers]:
+            try:
+                for raw in iter_raw_samples(url):
+                    rng = numpy_rng(self.seed, "eval", raw.get("__key__", ""))
+                    example = self._example(raw, rng, counter)
+                    if example is not None:
+                        batch.append(example)
+                    if len(batch) == self.batch_size:
+                        yield self.collate(batch)
+                        batch = []
+            except (OSError, tarfile.TarError, ValueError) as err:
+                counter.bad(url, "-", f"unreadable shard: {type(err).__name__}: {err}")
+        if batch:
+            yield self.collate(batch)
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a stream whose position (epoch, batches done) travels in the checkpoint."""
+
+    def __init__(
+        self,
+        stream: _Stream,
+        num_workers: int = 0,
+        position: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        placement: Callable[[], tuple[int, int]] = lambda: (0, 1),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, **kwargs)
+        self.position, self.placement = position, placement
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream = self.dataset
+        stream.place(*self.placement(), self.num_workers)
+        if isinstance(stream, TrainStream):
+            # Lightning restores its loop progress before it creates the iterator; a saved state wins.
+            epoch, start = (
+                self.position() if self._resume is None else (self._resume["epoch"], self._resume["batches"])
+            )
+            if start >= len(stream):  # saved at the end of an epoch: go on with the next one
+                epoch, start = epoch + 1, 0
+            self._resume = None
+            stream.set_position(epoch, start)
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        """The stream position: (epoch, batches the trainer finished in it)."""
+        epoch, batches = self.position()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume the next iteration from a saved position."""
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def totals(self) -> tuple[int, int]:
+        """(samples seen, samples skipped) summed over this loader's workers."""
+        return self.dataset.totals()
+
+
+# --------------------------------------------------------------------------- the base DataModule
+
+
+class WebDataModule(L.LightningDataModule):
+    """Base DataModule over WebDataset shards; a data kind sets `required`, `synth_kind` and `transform`.
+
+    Args:
+        data_dir: Folder of the shard set (`<split>-NNNNNN.tar` + index.json). Shard specs default to it.
+        train_shards: Training shards (brace pattern, glob, URL; `pipe:` only with OMNILAB_ALLOW_PIPE=1).
+        val_shards: Validation shards (finite, split by rank and worker).
+        test_shards: Test shards.
+        predict_shards: Prediction shards (defaults to the test shards).
+        batch_size: Training batch size per rank.
+        eval_batch_size: Evaluation batch size per rank (defaults to batch_size).
+        num_workers: DataLoader workers per rank.
+        batches_per_epoch: Training batches per rank per epoch (default: one pass, from index.json).
+        shuffle_buffer: Samples held by each stream's shuffle buffer.
+        num_streams: Virtual training streams; fix it to keep the data order across world sizes.
+        seed: Seed of every data random stream (shards, shuffle, augmentation).
+        max_skip_fraction: Stop when more than this fraction of samples is bad (judged on >= 20 samples).
+        synth: Generate the embedded shards into data_dir when they are absent.
+        synth_samples: Samples per split to generate, e.g. {train: 256, val: 32, test: 32}.
+    """
+
+    required: ClassVar[tuple[str, ...]] = ()
+    synth_kind: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        predict_shards: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 256,
+        num_streams: int | None = None,
+        seed: int = 0,
+        max_skip_fraction: float = 0.05,
+        synth: bool = True,
+        synth_samples: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = data_dir
+        self.specs = {
+            "train": train_shards,
+            "val": val_shards,
+            "test": test_shards,
+            "predict": predict_shards,
+        }
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
+        self.shuffle_buffer, self.num_streams, self.seed = shuffle_buffer, num_streams, seed
+        self.max_skip_fraction, self.synth, self.synth_samples = max_skip_fraction, synth, synth_samples
+        self.loaders: dict[str, StreamLoader] = {}
+
+    # -- what a data kind supplies
+    def transform(self, train: bool) -> Transform:
+        """A picklable callable (decoded sample, rng) -> example dict of tensors; raises BadSample."""
+        raise NotImplementedError(f"{type(self).__name__} must define transform(train)")
+
+    def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """The (picklable) function that turns a list of examples into a batch."""
+        return collate_examples
+
+    # -- shards
+    def shard_spec(self, split: str) -> str | None:
+        """The shard spec of a split: explicit, else `<data_dir>/<split>-*.tar` when such files exist."""
+        spec = self.specs.get(split)
+        if split == "predict" and spec is None:
+            spec = self.specs["test"]
+            split = "test"
+        if spec is None and self.data_dir is not None:
+            pattern = str(Path(self.data_dir) / f"{split}-*.tar")
+            spec = pattern if glob.glob(pattern) else None
+        return spec
+
+    def prepare_data(self) -> None:
+        """Generate the embedded shards when `synth` is on and the shard set is absent."""
+        if not (self.synth and self.synth_kind and self.data_dir) or read_index(self.data_dir) is not None:
+            return
+        from datamodules.synth import synthesize
+
+        synthesize(self.synth_kind, self.data_dir, samples=self.synth_samples, seed=self.seed)
+
+    def _placement(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _position(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _epoch_batches(self) -> int:
+        if self.batches_per_epoch:
+            return self.batches_per_epoch
+        index = read_index(self.data_dir)
+        count = (index or {}).get("splits", {}).get("train", {}).get("samples")
+        if not count:
+            raise ValueError(
+                "data.batches_per_epoch is required when the shard set has no index.json with counts"
+            )
+        return max(1, count // (self.batch_size * self._placement()[1]))
+
+    def _loader(self, split: str) -> StreamLoader:
+        spec = self.shard_spec(split)
+        if spec is None:
+            raise FileNotFoundError(
+                f"no {split} shards: set data.{split}_shards or data.data_dir (looked for {split}-*.tar)"
+            )
+        train = split == "train"
+        common = dict(
+            shards=expand_shards(spec),
+            transform=self.transform(train),
+            required=self.required,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            seed=self.seed,
+            max_skip_fraction=self.max_skip_fraction,
+            collate=self.collate(),
+        )
+        if train:
+            stream: _Stream = TrainStream(
+                **common,
+                batches_per_epoch=self._epoch_batches(),
+                shuffle_buffer=self.shuffle_buffer,
+                num_streams=self.num_streams,
+            )
+        else:
+            stream = EvalStream(**common)
+        loader = StreamLoader(stream, self.num_workers, position=self._position, placement=self._placement)
+        self.loaders[split] = loader
+        return loader
+
+    def has_split(self, split: str) -> bool:
+        """Whether shards for a split are configured or present."""
+        return self.shard_spec(split) is not None
+
+    def train_dataloader(self) -> StreamLoader:
+        """The resumable training stream."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> StreamLoader | list:
+        """The finite validation stream (none when no validation shards exist)."""
+        return self._loader("val") if self.has_split("val") else []
+
+    def test_dataloader(self) -> StreamLoader:
+        """The finite test stream."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> StreamLoader:
+        """The finite prediction stream (the test shards unless predict_shards is set)."""
+        return self._loader("predict")
+
+    def data_stats(self) -> dict[str, int]:
+        """Samples seen and skipped so far, summed over splits and workers."""
+        seen = sum(loader.totals()[0] for loader in self.loaders.values())
+        skipped = sum(loader.totals()[1] for loader in self.loaders.values())
+        return {"seen": seen, "skipped": skipped}

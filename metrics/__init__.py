@@ -1,0 +1,1 @@
+"""torchmetrics Metrics and metric functions of the suite."""

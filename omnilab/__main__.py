@@ -1,0 +1,5 @@
+"""`python -m omnilab` = the `omnilab` command."""
+
+from omnilab.cli import main
+
+main()
