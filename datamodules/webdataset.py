@@ -59,6 +59,10 @@ class BadSample(ValueError):
     """A sample that cannot be used: it is skipped and counted, never trained on."""
 
 
+class SkipSample(Exception):
+    """A sample a data kind leaves out on purpose (e.g. a pair of another setting): dropped, not counted."""
+
+
 class DataError(RuntimeError):
     """The data stream cannot go on (too many bad samples, no readable shards)."""
 
@@ -340,6 +344,8 @@ class _Stream(IterableDataset):
         url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
         try:
             example = self.transform(decode_sample(raw, self.required), rng)
+        except SkipSample:
+            return None
         except BadSample as err:
             counter.bad(url, key, str(err))
             return None
@@ -401,18 +407,21 @@ class TrainStream(_Stream):
         shuffle_rng = numpy_rng(self.seed, "shuffle", self.epoch, v)
         index, barren = 0, 0
         for cycle in itertools.count():
-            produced = 0
+            usable = 0
             for sample in shuffled(self._cycle(v, streams, cycle, counter), self.shuffle_buffer, shuffle_rng):
-                produced += 1
                 example = self._example(sample, numpy_rng(self.seed, "sample", self.epoch, v, index), counter)
                 if example is None:
                     continue
+                usable += 1
                 index += 1
                 if index > skip:
                     yield example
-            barren = 0 if produced else barren + 1
+            barren = 0 if usable else barren + 1
             if barren > streams + 1:
-                raise DataError(f"no readable samples in {len(self.shards)} shard(s), e.g. {self.shards[0]}")
+                raise DataError(
+                    f"no usable samples in {len(self.shards)} shard(s) (e.g. {self.shards[0]}): "
+                    "all unreadable, bad or filtered out"
+                )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -69,7 +69,7 @@ class OmnilabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Name the run from the experiment path and place its checkpoints and config under runs/."""
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         method, name, config_path = run_identity(cfg.get("config") or [])
         trainer = cfg.trainer
         if trainer.get("default_root_dir") in (None, ".", os.getcwd()):

@@ -1,0 +1,126 @@
+"""Exponential moving average of the weights, evaluated in place of them (CCMP §4; the flow-matching methods).
+
+After every `every_n_steps`-th optimizer step past `start_step`, ema ← decay·ema + (1 − decay)·θ in
+fp32 (before `start_step` the EMA simply follows θ). With `evaluate_ema`, validation, test and predict
+run on the EMA weights, swapped in at the loop's start and swapped back at its end. The EMA lives in
+the callback's `state_dict()`, which Lightning writes into every checkpoint, so a resumed run continues
+it exactly and `trainer.test(ckpt_path=...)` evaluates it (a module loaded on its own has only θ).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+
+
+class EMA(Callback):
+    """Keep an fp32 EMA of the module's floating-point parameters and evaluate it.
+
+    Args:
+        decay: EMA decay per update (0.999: a horizon of about 1000 updates).
+        every_n_steps: Update after every n-th optimizer step.
+        start_step: Before this optimizer step the EMA copies the weights instead of averaging them.
+        evaluate_ema: Swap the EMA weights in for validation, test and predict.
+    """
+
+    def __init__(
+        self, decay: float = 0.999, every_n_steps: int = 1, start_step: int = 0, evaluate_ema: bool = True
+    ) -> None:
+        self.decay, self.every_n_steps, self.start_step = decay, every_n_steps, start_step
+        self.evaluate_ema = evaluate_ema
+        self.ema: dict[str, Tensor] = {}
+        self.num_updates = 0
+        self._step_before = 0
+        self._backup: list[Tensor] | None = None
+
+    @staticmethod
+    def _params(pl_module: LightningModule) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in pl_module.named_parameters() if p.is_floating_point()}
+
+    def _ema_and_params(self, pl_module: LightningModule) -> tuple[list[Tensor], list[Tensor]]:
+        """The EMA tensors (on the parameters' device) and the parameters, in the same order."""
+        params = self._params(pl_module)
+        if not self.ema:
+            self.ema = {n: p.detach().float().clone() for n, p in params.items()}
+        if missing := params.keys() ^ self.ema.keys():
+            raise KeyError(f"EMA state and module parameters differ: {sorted(missing)[:5]}")
+        self.ema = {n: t.to(params[n].device) for n, t in self.ema.items()}
+        return list(self.ema.values()), [params[n] for n in self.ema]
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start the EMA from the current weights, unless a checkpoint restored it."""
+        self._ema_and_params(pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Remember the step count, to tell after the batch whether the optimizer stepped."""
+        self._step_before = trainer.global_step
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After an optimizer step: ema ← decay·ema + (1 − decay)·θ (or ema ← θ before start_step)."""
+        step = trainer.global_step
+        if step == self._step_before or step % self.every_n_steps:
+            return  # gradient accumulation, or not an update step
+        ema, params = self._ema_and_params(pl_module)
+        params = [p.detach().float() for p in params]
+        if step <= self.start_step:
+            torch._foreach_copy_(ema, params)
+        else:
+            torch._foreach_lerp_(ema, params, 1.0 - self.decay)
+            self.num_updates += 1
+
+    def _swap_in(self, pl_module: LightningModule) -> None:
+        """Put the EMA weights into the module, keeping the trained ones aside."""
+        if not self.evaluate_ema or not self.ema or self._backup is not None:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            ema, params = self._ema_and_params(pl_module)
+            self._backup = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, ema)
+
+    def _swap_out(self, pl_module: LightningModule) -> None:
+        """Put the trained weights back."""
+        if self._backup is None:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            torch._foreach_copy_(list(self._params(pl_module)[n] for n in self.ema), self._backup)
+        self._backup = None
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Evaluate the EMA weights."""
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Back to the trained weights."""
+        self._swap_out(pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Test the EMA weights."""
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Back to the trained weights."""
+        self._swap_out(pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Predict with the EMA weights."""
+        self._swap_in(pl_module)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Back to the trained weights."""
+        self._swap_out(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA weights (fp32, by parameter name) and the update count."""
+        return {"ema": dict(self.ema), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the EMA (moved to the parameters' device on first use)."""
+        self.ema, self.num_updates = dict(state_dict["ema"]), state_dict["num_updates"]

@@ -1,0 +1,331 @@
+"""Ego-exo object correspondence pairs for CCMP: decoding, augmentation and test preprocessing.
+
+Implements the data side of the CCMP notes (shared/methods/ccmp.md): §1 (the square model input,
+512x512 in the paper), §4 (training augmentation; test preprocessing: pad to square, resize, and scoring
+at the official resolution) and §7 (the pair format that `omnilab data convert egoexo4d` and
+`omnilab data synth correspondence` write).
+
+The data format: one sample is one correspondence pair (query mask in the source view, answer in the target):
+- `<key>.json`: {"take": str, "take_name": str, "object": str, "src_cam": str, "tgt_cam": str,
+  "src_frame": int, "tgt_frame": int, "setting": "ego-exo" | "exo-ego" | "ego-ego" | "exo-exo",
+  "visible": bool, "src_native": [H, W], "tgt_native": [H, W], "split": str}.
+- `<key>.src.jpg`: the source RGB image.
+- `<key>.src_mask.png`: the query mask, uint8 {0, 255}, at the source image's size.
+- `<key>.tgt.jpg`: the target RGB image.
+- `<key>.tgt_mask.png`: the answer mask, uint8 {0, 255}, at the target image's size (all zeros when
+  invisible).
+- `<key>.tgt_gt.png` (optional; converted Ego-Exo4D shards have it): the official evaluation ground truth,
+  the native mask resized nearest to longest side 480. When absent it is derived from `tgt_mask` the same
+  way (`metrics.correspondence.resize_longest`).
+
+Training (§4): each view on its own, with its own draws: short side -> image_size + 1 (bilinear, masks too,
+so the mask targets are soft in [0, 1]), an image_size crop that keeps a mask pixel when the mask has one
+(albumentations' CropNonEmptyMaskIfExists), a horizontal flip with p = 0.5, ImageNet normalization.
+Evaluation (§4): centre-pad to square with zeros, resize to image_size (images bilinear, masks nearest);
+`tgt_gt` and `gt_crop` let `prediction_to_gt` bring a prediction to the official shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from datamodules.webdataset import BadSample, SkipSample, WebDataModule
+from metrics.correspondence import EVAL_LONGEST_SIDE, resize_longest
+
+SETTINGS = ("ego-exo", "exo-ego", "ego-ego", "exo-exo")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MASK_THRESHOLD = 0.5  # CCMP: sigmoid(logits) > 0.5 is the predicted mask
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """Resize a [C, H, W] float tensor: "bilinear" (as cv2 INTER_LINEAR, no antialias) or "nearest"."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    extra = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x[None], size=size, mode=mode, **extra)[0]
+
+
+def short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """(H, W) scaled so that the short side is `short` (the long side rounded, never below `short`)."""
+    if height <= width:
+        return short, max(short, round(width * short / height))
+    return max(short, round(height * short / width)), short
+
+
+def crop_window(mask: Tensor, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) of a size x size window that holds a random mask pixel, or a random window if none.
+
+    As albumentations' CropNonEmptyMaskIfExists: pick a foreground pixel (y, x) (>= 0.5 when the soft
+    mask has such a pixel, else > 0), then top = y - U{0..size-1}, clipped to the image, and the same for x.
+    """
+    height, width = mask.shape[-2:]
+    m = mask.reshape(height, width).numpy()
+    ys, xs = np.nonzero(m >= 0.5) if (m >= 0.5).any() else np.nonzero(m > 0)
+    if len(ys):
+        i = int(rng.integers(len(ys)))
+        top = int(ys[i]) - int(rng.integers(size))
+        left = int(xs[i]) - int(rng.integers(size))
+        return min(max(top, 0), height - size), min(max(left, 0), width - size)
+    return int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
+
+
+def pad_to_square(x: Tensor) -> Tensor:
+    """Centre a [C, H, W] tensor on a zero square of side max(H, W) (top/left pad = difference // 2)."""
+    height, width = x.shape[-2:]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return F.pad(x, (left, side - width - left, top, side - height - top))
+
+
+def gt_crop_box(gt_height: int, gt_width: int, canvas: int = EVAL_LONGEST_SIDE) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the image content in the canvas x canvas resize of the padded square.
+
+    The content is centred, so top = (canvas - height) // 2 (the official `remove_pad`'s offset); the box
+    has exactly the ground truth's size, so a cropped prediction always has the ground truth's shape.
+    """
+    return (canvas - gt_height) // 2, (canvas - gt_width) // 2, gt_height, gt_width
+
+
+def prediction_to_gt(prob: Tensor, gt_crop: tuple[int, int, int, int] | Tensor) -> Tensor:
+    """A [S, S] probability map -> the bool mask at the ground truth's shape (§4 test preprocessing).
+
+    prob > 0.5, nearest resize to 480x480 (the padded square at the evaluation resolution), then the
+    crop `gt_crop` = (top, left, height, width) removes the padding.
+    """
+    if prob.ndim != 2 or prob.shape[0] != prob.shape[1]:
+        raise ValueError(f"prediction_to_gt expects a square [S, S] map, got shape {tuple(prob.shape)}")
+    top, left, height, width = (int(v) for v in gt_crop)
+    binary = (prob.detach() > MASK_THRESHOLD).float()[None]
+    full = resize(binary, (EVAL_LONGEST_SIDE, EVAL_LONGEST_SIDE), "nearest")[0]
+    return full[top : top + height, left : left + width] > 0.5
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def image_tensor(arr: np.ndarray, name: str) -> Tensor:
+    """HxWx3 (or grey HxW) uint8 -> [3, H, W] float in [0, 1]."""
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise BadSample(f".{name} is not an 8-bit RGB or grey image (dtype {arr.dtype}, shape {arr.shape})")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+
+
+def mask_tensor(arr: np.ndarray, name: str, size: tuple[int, int]) -> Tensor:
+    """HxW uint8 {0, 255} mask of the image size `size` -> [1, H, W] float {0, 1} (foreground = > 127)."""
+    if arr.ndim != 2:
+        raise BadSample(f".{name} must be a single-channel mask, got shape {arr.shape}")
+    if arr.shape != tuple(size):
+        raise BadSample(f".{name} is {arr.shape[0]}x{arr.shape[1]} but its image is {size[0]}x{size[1]}")
+    return torch.from_numpy(np.ascontiguousarray(arr > 127)).float()[None]
+
+
+def normalize(img: Tensor) -> Tensor:
+    """ImageNet normalization of a [3, H, W] image in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (img - mean) / std
+
+
+def pair_meta(meta: Any) -> dict[str, Any]:
+    """The `.json` fields the transform uses, checked; raises BadSample on a missing or mistyped one."""
+    if not isinstance(meta, dict):
+        raise BadSample(".json is not an object")
+    fields = {
+        "setting": str,
+        "visible": bool,
+        "take": str,
+        "object": str,
+        "src_cam": str,
+        "tgt_cam": str,
+        "tgt_frame": int,
+    }
+    for name, kind in fields.items():
+        value = meta.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BadSample(f".json field {name!r} must be {kind.__name__}, got {value!r}")
+    if meta["setting"] not in SETTINGS:
+        raise BadSample(f".json setting {meta['setting']!r} is not one of {', '.join(SETTINGS)}")
+    return meta
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+@dataclass(frozen=True)
+class CorrespondenceTransform:
+    """Decoded pair -> tensors (training augmentation or test preprocessing); picklable for workers."""
+
+    image_size: int
+    train: bool
+    settings: tuple[str, ...] | None = None
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Transform one decoded sample; raises BadSample when the pair cannot be used."""
+        meta = pair_meta(sample["json"])
+        if self.settings is not None and meta["setting"] not in self.settings:
+            raise SkipSample(f"setting {meta['setting']!r} is not in data.settings {list(self.settings)}")
+        src = image_tensor(sample["src.jpg"], "src.jpg")
+        tgt = image_tensor(sample["tgt.jpg"], "tgt.jpg")
+        src_mask = mask_tensor(sample["src_mask.png"], "src_mask.png", src.shape[-2:])
+        tgt_mask = mask_tensor(sample["tgt_mask.png"], "tgt_mask.png", tgt.shape[-2:])
+        if not src_mask.any():
+            raise BadSample("empty source mask: nothing to query")
+        visible = meta["visible"]
+        if not visible and tgt_mask.any():
+            raise BadSample("the pair is marked invisible but its target mask is not empty")
+        out = {
+            "visible": torch.tensor(1.0 if visible else 0.0),
+            "setting": meta["setting"],
+            "take": meta["take"],
+            "object": meta["object"],
+            "src_cam": meta["src_cam"],
+            "tgt_cam": meta["tgt_cam"],
+            "frame": meta["tgt_frame"],
+        }
+        if self.train:
+            if visible and not tgt_mask.any():
+                raise BadSample("the pair is marked visible but its target mask is empty")
+            out["src"], out["src_mask"] = self._augment(src, src_mask, rng, "source")
+            out["tgt"], out["tgt_mask"] = self._augment(tgt, tgt_mask, rng, "target" if visible else None)
+        else:
+            # A visible pair with an empty target mask stays: the official evaluation scores it (§5).
+            out["src"], out["src_mask"] = self._square(src, src_mask)
+            out["tgt"], out["tgt_mask"] = self._square(tgt, tgt_mask)
+            out["tgt_gt"] = self._ground_truth(sample, tgt_mask)
+            out["gt_crop"] = torch.tensor(gt_crop_box(*out["tgt_gt"].shape))
+        return out
+
+    def _augment(
+        self, img: Tensor, mask: Tensor, rng: np.random.Generator, keep: str | None
+    ) -> tuple[Tensor, Tensor]:
+        """§4 training augmentation of one view; `keep` names a mask that must survive the resize."""
+        size = self.image_size
+        scaled = short_side_size(*img.shape[-2:], size + 1)
+        img, mask = resize(img, scaled, "bilinear"), resize(mask, scaled, "bilinear").clamp(0, 1)
+        if keep and not mask.any():
+            raise BadSample(f"the {keep} mask vanishes when resized to short side {size + 1}")
+        top, left = crop_window(mask, size, rng)
+        img, mask = (
+            img[:, top : top + size, left : left + size],
+            mask[:, top : top + size, left : left + size],
+        )
+        if rng.random() < 0.5:
+            img, mask = img.flip(-1), mask.flip(-1)
+        return normalize(img), mask
+
+    def _square(self, img: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """§4 test preprocessing of one view: centre-pad to square, resize (image bilinear, mask nearest)."""
+        size = (self.image_size, self.image_size)
+        img = resize(pad_to_square(img), size, "bilinear")
+        return normalize(img), resize(pad_to_square(mask), size, "nearest")
+
+    def _ground_truth(self, sample: dict[str, Any], tgt_mask: Tensor) -> Tensor:
+        """The official-resolution target mask: `tgt_gt.png`, else `tgt_mask` resized to longest side 480."""
+        derived = resize_longest(tgt_mask[0].numpy() > 0.5)
+        if "tgt_gt.png" not in sample:
+            return torch.from_numpy(np.ascontiguousarray(derived))
+        gt = sample["tgt_gt.png"]
+        if gt.ndim != 2:
+            raise BadSample(f".tgt_gt.png must be a single-channel mask, got shape {gt.shape}")
+        if max(gt.shape) != EVAL_LONGEST_SIDE or any(abs(a - b) > 1 for a, b in zip(gt.shape, derived.shape)):
+            raise BadSample(
+                f".tgt_gt.png is {gt.shape[0]}x{gt.shape[1]}, but the target image at longest side "
+                f"{EVAL_LONGEST_SIDE} is {derived.shape[0]}x{derived.shape[1]}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(gt > 127))
+
+
+# --------------------------------------------------------------------------- the DataModule
+
+
+class CorrespondenceDataModule(WebDataModule):
+    """Ego-exo correspondence pairs (CCMP): source image + query mask -> target image + answer mask.
+
+    Training batches hold `src`, `tgt` [B, 3, S, S] (ImageNet-normalized), `src_mask`, `tgt_mask`
+    [B, 1, S, S] (soft, in [0, 1]), `visible` [B] (1.0 / 0.0), `frame` [B], and the lists `setting`,
+    `take`, `object`, `src_cam`, `tgt_cam`. Evaluation batches have binary masks and add `tgt_gt`
+    (bool, longest side 480: stacked when the shapes agree, else a list) and `gt_crop` [B, 4].
+
+    Args:
+        data_dir: Folder of the shard set (`<split>-NNNNNN.tar` + index.json). Shard specs default to it.
+        train_shards: Training shards (brace pattern, glob, URL; `pipe:` only with OMNILAB_ALLOW_PIPE=1).
+        val_shards: Validation shards (finite, split by rank and worker).
+        test_shards: Test shards.
+        predict_shards: Prediction shards (defaults to the test shards).
+        batch_size: Training batch size per rank.
+        eval_batch_size: Evaluation batch size per rank (defaults to batch_size).
+        num_workers: DataLoader workers per rank.
+        batches_per_epoch: Training batches per rank per epoch (default: one pass, from index.json).
+        shuffle_buffer: Samples held by each stream's shuffle buffer.
+        num_streams: Virtual training streams; fix it to keep the data order across world sizes.
+        seed: Seed of every data random stream (shards, shuffle, augmentation).
+        max_skip_fraction: Stop when more than this fraction of samples is bad (judged on >= 20 samples).
+        synth: Generate the embedded shards into data_dir when they are absent.
+        synth_samples: Samples per split to generate, e.g. {train: 256, val: 32, test: 32}.
+        image_size: Side S of the square model input (CCMP: 512; training crops S from short side S + 1).
+        settings: Keep only pairs of these settings ("ego-exo", "exo-ego", "ego-ego", "exo-exo"); None: all.
+    """
+
+    required = ("json", "src.jpg", "src_mask.png", "tgt.jpg", "tgt_mask.png")
+    synth_kind = "correspondence"
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        predict_shards: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 256,
+        num_streams: int | None = None,
+        seed: int = 0,
+        max_skip_fraction: float = 0.05,
+        synth: bool = True,
+        synth_samples: dict[str, int] | None = None,
+        image_size: int = 512,
+        settings: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            train_shards=train_shards,
+            val_shards=val_shards,
+            test_shards=test_shards,
+            predict_shards=predict_shards,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            batches_per_epoch=batches_per_epoch,
+            shuffle_buffer=shuffle_buffer,
+            num_streams=num_streams,
+            seed=seed,
+            max_skip_fraction=max_skip_fraction,
+            synth=synth,
+            synth_samples=synth_samples,
+        )
+        if image_size < 1:
+            raise ValueError(f"data.image_size must be positive, got {image_size}")
+        unknown = sorted(set(settings or ()) - set(SETTINGS))
+        if unknown or settings == []:
+            raise ValueError(f"data.settings {settings} must be a non-empty subset of {list(SETTINGS)}")
+        self.image_size = image_size
+        self.settings = tuple(settings) if settings is not None else None
+
+    def transform(self, train: bool) -> CorrespondenceTransform:
+        """Training augmentation (train=True) or test preprocessing, as a picklable callable."""
+        return CorrespondenceTransform(self.image_size, train, self.settings)

@@ -1,0 +1,1 @@
+"""One LightningModule per method (the paper's model, losses and steps); shared nn pieces in components/."""
