@@ -61,6 +61,8 @@ def fit(
 
 def trace(root: Path) -> dict[int, dict]:
     lines = [json.loads(line) for line in (root / "trace" / "trace-rank0.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if line["phase"] == "train"]
+    lines = [line for line in lines if line["phase"] == "train"]
     return {line["step"]: line for line in lines}  # a replayed step keeps its last record
 
 

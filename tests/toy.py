@@ -71,7 +71,7 @@ class ToyModule(L.LightningModule):
 
     Args:
         lr: AdamW learning rate.
-        trace_dir: Write `trace-rank<r>.jsonl` lines {step, loss, keys} there.
+        trace_dir: Write `trace-rank<r>.jsonl` lines {phase, step, epoch, loss, keys, params} there.
         nan_steps: Global steps at which the loss becomes NaN.
         nan_rank: The rank that injects the NaN (-1: every rank).
     """
@@ -95,22 +95,25 @@ class ToyModule(L.LightningModule):
             self.global_rank,
         ):
             loss = loss * float("nan")
-        if self.hparams.trace_dir:
-            path = Path(self.hparams.trace_dir) / f"trace-rank{self.global_rank}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(
-                    json.dumps({"step": self.global_step, "loss": loss.item(), "keys": batch["__key__"]})
-                    + "\n"
-                )
+        params = float(sum(p.double().sum() for p in self.parameters()))
+        self.trace("train", loss=loss.item(), keys=batch["__key__"], params=params)
         self.log("train/loss", loss)
         return loss
 
+    def trace(self, phase: str, **record: Any) -> None:
+        """Append one JSON line {phase, step, epoch, ...} to this rank's trace file."""
+        if self.hparams.trace_dir:
+            path = Path(self.hparams.trace_dir) / f"trace-rank{self.global_rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            line = {"phase": phase, "step": self.global_step, "epoch": self.current_epoch, **record}
+            with path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Validation MSE."""
-        self.log(
-            "val/loss", nn.functional.mse_loss(self.net(batch["x"]), batch["y"]), batch_size=len(batch["x"])
-        )
+        self.trace("val", keys=batch["__key__"])
+        loss = nn.functional.mse_loss(self.net(batch["x"]), batch["y"])
+        self.log("val/loss", loss, batch_size=len(batch["x"]))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Test MSE."""
