@@ -84,7 +84,9 @@ class TestTimeTraining(Callback):
         self._saved: list[tuple[nn.Parameter, Tensor]] = []  # the pair in flight's adapted params
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
 
-    def _adapt(self, trainer: Trainer, module: LightningModule, batch: dict[str, Any], log: bool) -> None:
+    def adapt(
+        self, trainer: Trainer, module: LightningModule, batch: dict[str, Any], log: bool = False
+    ) -> None:
         """Snapshot the chosen parameters, then take `steps` AdamW steps of `module.ttt_loss(batch)`."""
         if not isinstance(module, SupportsTestTimeTraining):
             raise TypeError(f"{type(module).__name__} does not implement ttt_parameters/ttt_loss/ttt_group")
@@ -122,7 +124,7 @@ class TestTimeTraining(Callback):
             change = (losses[-1] - losses[0]).float()
             module.log("ttt/loss_change", change, on_step=False, on_epoch=True, batch_size=1)
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
         """Copy the snapshot back exactly and restore every requires_grad flag."""
         with torch.inference_mode(False), torch.no_grad():
             for p, saved in self._saved:
@@ -140,7 +142,7 @@ class TestTimeTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Adapt to the pair."""
-        self._adapt(trainer, pl_module, batch, log=True)
+        self.adapt(trainer, pl_module, batch, log=True)
 
     def on_test_batch_end(
         self,
@@ -152,7 +154,7 @@ class TestTimeTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Restore the weights."""
-        self._restore()
+        self.restore()
 
     def on_predict_batch_start(
         self,
@@ -163,7 +165,7 @@ class TestTimeTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Adapt to the pair (predict does not log)."""
-        self._adapt(trainer, pl_module, batch, log=False)
+        self.adapt(trainer, pl_module, batch, log=False)
 
     def on_predict_batch_end(
         self,
@@ -175,7 +177,7 @@ class TestTimeTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Restore the weights."""
-        self._restore()
+        self.restore()
 
     def on_validation_batch_start(
         self,
@@ -187,7 +189,7 @@ class TestTimeTraining(Callback):
     ) -> None:
         """Adapt to the pair if `on_validation`."""
         if self.on_validation and not trainer.sanity_checking:
-            self._adapt(trainer, pl_module, batch, log=True)
+            self.adapt(trainer, pl_module, batch, log=True)
 
     def on_validation_batch_end(
         self,
@@ -199,4 +201,4 @@ class TestTimeTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Restore the weights (a no-op when nothing was adapted)."""
-        self._restore()
+        self.restore()

@@ -148,7 +148,7 @@ def test_only_the_chosen_parameters_require_grad_during_the_steps():
     seen = {}
 
     class Spy(TestTimeTraining):
-        def _adapt(self, trainer, module, batch, log):
+        def adapt(self, trainer, module, batch, log=False):
             original = module.ttt_loss
 
             def loss(b):
@@ -157,7 +157,7 @@ def test_only_the_chosen_parameters_require_grad_during_the_steps():
 
             module.ttt_loss = loss
             try:
-                super()._adapt(trainer, module, batch, log)
+                super().adapt(trainer, module, batch, log)
             finally:
                 del module.ttt_loss
 

@@ -1,0 +1,13 @@
+"""Speed/memory benchmarks and mini-replications: `omnilab bench [name ...]` (`make bench` runs all).
+
+Each module has `main(argv)`; it measures ratios against a baseline in the same run and writes its
+section of benchmarks/RESULTS.md (with the command and the date) and an MLflow run in the
+`benchmarks` experiment.
+"""
+
+BENCHMARKS: dict[str, str] = {
+    "loader": "WebDataset shards vs a plain Dataset over the same loose files: samples/s ratio",
+    "lightning_overhead": "Lightning fit loop vs a plain PyTorch loop on the same tiny DiT: step-time overhead",
+    "ccmp_ttt": "CCMP test-time training: wall time per pair vs plain inference; memory of last-K vs all blocks",
+    "ccmp_replication": "CCMP mini-replication: seg only / + cycle / + TTT on held-out synthetic and Middlebury pairs",
+}
