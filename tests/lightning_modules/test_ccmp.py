@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning as L
@@ -370,3 +371,45 @@ def test_validation_logs_metrics_per_direction_and_their_mean():
     assert "val/exo-exo/iou" not in results  # same-view pairs are not scored
     mean = (results["val/ego-exo/iou"] + results["val/exo-ego/iou"]) / 2
     assert results["val/iou"] == pytest.approx(mean)
+
+
+def eval_samples(settings: list[str]) -> list[dict]:
+    from datamodules.correspondence import gt_crop_box
+
+    samples = []
+    for i, setting in enumerate(settings):
+        sample = pair(i, setting)
+        gt = torch.zeros(270, 480, dtype=torch.bool)
+        gt[100:200, 150:300] = True
+        sample["tgt_gt"], sample["gt_crop"] = gt, torch.tensor(gt_crop_box(270, 480))
+        if setting == "exo-ego":
+            sample["src_cam"], sample["tgt_cam"] = "cam01", "aria01"
+        samples.append(sample)
+    return samples
+
+
+def test_predict_writes_the_official_submission_json(tmp_path):
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path)
+    )
+    loader = DataLoader(eval_samples(["ego-exo", "exo-ego", "exo-exo"]), batch_size=1)
+    trainer.predict(tiny_ccmp(), loader)
+    sub = json.loads((tmp_path / "predictions" / "submission.json").read_text())
+    ego = sub["ego-exo"]["results"]["take0"]
+    assert set(ego["masks"]["cup"]) == {"aria01_cam01"} and ego["subsample_idx"] == [0]
+    entry = ego["masks"]["cup"]["aria01_cam01"]["0"]
+    assert entry["pred_mask"]["size"] == [270, 480] and 0.0 <= entry["confidence"] <= 1.0
+    assert set(sub["exo-ego"]["results"]["take0"]["masks"]["cup"]) == {
+        "cam01_aria01"
+    }  # exo-exo not submitted
+
+
+def test_handalx_protocol_logs_instance_miou():
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    loader = DataLoader(eval_samples(["exo-exo", "exo-exo", "ego-exo"]), batch_size=3)
+    (results,) = trainer.test(tiny_ccmp(eval_protocol="handalx"), loader)
+    assert results["test/iou"] == pytest.approx(results["test/instances/iou"])
+    with pytest.raises(ValueError, match="eval_protocol"):
+        CCMP(**TINY, eval_protocol="davis")
