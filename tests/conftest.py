@@ -1,4 +1,8 @@
-"""Shared test setup: the toy package is allowlisted, MLflow writes into the test's tmp dir."""
+"""Shared test setup: the toy package is allowlisted; every test runs from its own empty folder.
+
+Running from tmp_path keeps runs/, mlruns/, data/ and predictions/ that code under test writes
+relative to the working directory out of the repository.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 os.environ.setdefault("OMNILAB_ALLOW_IMPORTS", "tests")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
     """Run the test from an empty folder (runs/, mlruns/ and data/ land there)."""
     monkeypatch.chdir(tmp_path)
