@@ -9,7 +9,9 @@ import importlib
 from typing import Any
 
 CONVERTERS: dict[str, str] = {
+    "edit_jsonl": "datamodules.convert.edit_jsonl",
     "egoexo4d": "datamodules.convert.egoexo4d",
+    "mico150k": "datamodules.convert.mico150k",
 }
 
 
