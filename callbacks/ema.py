@@ -17,7 +17,10 @@ from torch import Tensor, nn
 
 
 class EMA(Callback):
-    """Keep an fp32 EMA of the module's floating-point parameters and evaluate it.
+    """Keep an fp32 EMA of the module's trainable parameters and evaluate it.
+
+    The averaged parameters are those that require grad when the EMA starts (frozen VAEs, text
+    encoders and LoRA base weights are left out; a stage that freezes a backbone later keeps it in).
 
     Args:
         decay: EMA decay per update (0.999: a horizon of about 1000 updates).
@@ -44,9 +47,9 @@ class EMA(Callback):
         """The EMA tensors (on the parameters' device) and the parameters, in the same order."""
         params = self._params(pl_module)
         if not self.ema:
-            self.ema = {n: p.detach().float().clone() for n, p in params.items()}
-        if missing := params.keys() ^ self.ema.keys():
-            raise KeyError(f"EMA state and module parameters differ: {sorted(missing)[:5]}")
+            self.ema = {n: p.detach().float().clone() for n, p in params.items() if p.requires_grad}
+        if missing := self.ema.keys() - params.keys():
+            raise KeyError(f"EMA state names parameters the module does not have: {sorted(missing)[:5]}")
         self.ema = {n: t.to(params[n].device) for n, t in self.ema.items()}
         return list(self.ema.values()), [params[n] for n in self.ema]
 

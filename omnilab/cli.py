@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
@@ -35,6 +36,46 @@ from omnilab.allowlist import guard_imports
 from omnilab.tracking import compare_runs, git_sha, run_identity
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def expand_defaults(argv: list[str]) -> list[str]:
+    """Insert the fragments an experiment lists under `defaults:` as `--config` before it (recursively).
+
+    lightning-hydra-template's habit: `defaults: [_base/tiny_flow_qwen.yaml]` in an experiment means
+    "start from these fragments"; paths are relative to the `experiments/` folder holding the file.
+    """
+    out: list[str] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        path = path.resolve()
+        if path in seen:
+            return
+        seen.add(path)
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        fragments = data.get("defaults") if isinstance(data, dict) else None
+        if fragments:
+            root = next((p for p in path.parents if p.name == "experiments"), path.parent)
+            for fragment in fragments:
+                target = root / fragment
+                if not target.is_file():
+                    raise SystemExit(f"{path}: defaults names {fragment!r}, but {target} does not exist")
+                add(target)
+        out.extend(["--config", str(path)])
+
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            add(Path(argv[i + 1]))
+            i += 2
+        elif arg.startswith("--config="):
+            add(Path(arg.split("=", 1)[1]))
+            i += 1
+        else:
+            out.append(arg)
+            i += 1
+    return out
 
 
 class OmnilabCLI(LightningCLI):
@@ -57,7 +98,7 @@ class OmnilabCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """The checkpoint and health sections, and `--test_after_fit`."""
+        """The checkpoint and health sections, `--test_after_fit` and `defaults` (see expand_defaults)."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {"checkpoint.filename": "best", "checkpoint.save_last": True, "checkpoint.save_top_k": 1}
@@ -65,6 +106,12 @@ class OmnilabCLI(LightningCLI):
         parser.add_lightning_class_args(RunHealth, "health")
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="Test the best checkpoint after fit."
+        )
+        parser.add_argument(
+            "--defaults",
+            type=list[str] | None,
+            default=None,
+            help="Fragments (under experiments/) this builds on.",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -216,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[argv[0]](argv[1:])
         return
     guard_imports()
-    OmnilabCLI(args=argv)
+    OmnilabCLI(args=expand_defaults(argv))
 
 
 if __name__ == "__main__":

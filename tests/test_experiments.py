@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from omnilab.cli import OmnilabCLI, main
+from omnilab.cli import OmnilabCLI, expand_defaults, main
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = str(REPO / "experiments" / "_base" / "default.yaml")
@@ -29,12 +29,20 @@ CPU = [
 ]
 
 
+def model_args(path: Path) -> dict[str, Any]:
+    """The model init_args an experiment ends up with after its `defaults` fragments."""
+    args: dict[str, Any] = {}
+    configs = expand_defaults(["--config", str(path)])[1::2]
+    for config in configs:
+        args.update((yaml.safe_load(Path(config).read_text()).get("model") or {}).get("init_args") or {})
+    return args
+
+
 def tiny_backbones(method: str) -> dict[str, Any]:
-    """The model arguments of the method's tiny experiments that are random-init backbone specs."""
+    """The model arguments of the method's tiny experiments that are random-init specs (`config:`)."""
     specs: dict[str, Any] = {}
     for path in (REPO / "experiments" / method).glob("*tiny*.yaml"):
-        args = yaml.safe_load(path.read_text())["model"]["init_args"]
-        specs.update({k: v for k, v in args.items() if isinstance(v, dict) and "config" in v})
+        specs.update({k: v for k, v in model_args(path).items() if isinstance(v, dict) and "config" in v})
     return specs
 
 
@@ -47,7 +55,8 @@ def test_there_are_experiments_and_each_method_has_a_tiny_one():
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_experiment_parses_instantiates_and_builds(path, in_tmp):
     data_dir = f"--data.init_args.data_dir={in_tmp}/data"
-    cli = OmnilabCLI(args=["--config", BASE, "--config", str(path), *CPU, data_dir], run=False)
+    args = expand_defaults(["--config", BASE, "--config", str(path), *CPU, data_dir])
+    cli = OmnilabCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
     hparams = {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")}
     tiny = tiny_backbones(path.parent.name)

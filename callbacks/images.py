@@ -1,0 +1,213 @@
+"""Sample grids logged while training: references | target | prediction, one row per sample (DESIGN.md "Tracking").
+
+Every `every_n_steps` optimizer steps and at the end of each validation, the callback asks the module for
+predictions on the first `k` samples of one fixed validation batch (captured from the first validation
+batch, or drawn once from the datamodule's validation loader), draws them as a grid and logs it: to MLflow
+as the artifact `samples/step_NNNNNN.png` of the run, to TensorBoard as an image, and always as a PNG under
+`<default_root_dir>/samples/`. Each cell is the image letterboxed (aspect kept, centred) into a square of
+`cell` pixels; a row holds `max_refs` reference cells (empty when a sample has fewer), then the target,
+then the prediction.
+
+The module's whole contract is `SupportsSampleGrid.sample_grid(batch, k)`. It runs on every rank (a
+sharded model needs all ranks in its forward); only global rank 0 draws and logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+Row = tuple[list[Tensor], Tensor, Tensor]  # (references, target, prediction), each [3, H, W] in [-1, 1]
+
+
+@runtime_checkable
+class SupportsSampleGrid(Protocol):
+    """What a module offers for sample grids."""
+
+    def sample_grid(self, batch: dict[str, Any], k: int) -> list[Row]:
+        """(references, target, prediction) of the first k samples of `batch`, images in [-1, 1]."""
+        ...
+
+
+def to_pil(image: Tensor) -> Any:
+    """A [3, H, W] image in [-1, 1] as an RGB PIL image."""
+    from PIL import Image
+
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+
+
+def letterbox(image: Tensor, cell: int, fill: float = 1.0) -> Tensor:
+    """Fit a [3, H, W] image into a [3, cell, cell] square: scaled to its longer side, centred, `fill` around."""
+    h, w = image.shape[-2:]
+    scale = cell / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True)[0]
+    out = torch.full((3, cell, cell), fill)
+    top, left = (cell - nh) // 2, (cell - nw) // 2
+    out[:, top : top + nh, left : left + nw] = resized.clamp(-1, 1).cpu()
+    return out
+
+
+def make_grid(rows: list[Row], cell: int = 128, gap: int = 4, max_refs: int | None = None) -> Tensor:
+    """One [3, H, W] image in [-1, 1]: per row `max_refs` reference cells (blank if absent), target, prediction."""
+    if not rows:
+        raise ValueError("make_grid needs at least one row")
+    n_refs = max(len(r) for r, _, _ in rows) if max_refs is None else max_refs
+    columns = n_refs + 2
+    width, height = columns * cell + (columns + 1) * gap, len(rows) * cell + (len(rows) + 1) * gap
+    grid = torch.full((3, height, width), 1.0)  # white background
+    for i, (refs, target, prediction) in enumerate(rows):
+        cells = [*refs[:n_refs], *([None] * (n_refs - min(len(refs), n_refs))), target, prediction]
+        top = gap + i * (cell + gap)
+        for j, image in enumerate(cells):
+            left = gap + j * (cell + gap)
+            box = letterbox(image, cell) if image is not None else torch.full((3, cell, cell), 0.6)
+            grid[:, top : top + cell, left : left + cell] = box
+    return grid
+
+
+def _first(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    """The first k samples of a collated batch (lists and tensors sliced, other values kept), on the CPU."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.ndim:
+            out[key] = value[:k].cpu()
+        elif isinstance(value, list | tuple):
+            out[key] = [_cpu(v) for v in value[:k]]
+        else:
+            out[key] = value
+    return out
+
+
+def _cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, list | tuple):
+        return [_cpu(v) for v in value]
+    return value
+
+
+class SampleGrid(Callback):
+    """Log a grid of (references | target | prediction) rows every N steps and after each validation.
+
+    Args:
+        every_n_steps: Log after every n-th optimizer step (0: only after validation).
+        k: Samples (rows) per grid.
+        cell: Side of one letterboxed cell in pixels.
+        on_validation_end: Also log after every validation (not during the sanity check).
+        out_dir: Folder of the PNGs (default `<default_root_dir>/samples`).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        k: int = 4,
+        cell: int = 128,
+        on_validation_end: bool = True,
+        out_dir: str | None = None,
+    ) -> None:
+        self.every_n_steps, self.k, self.cell = every_n_steps, k, cell
+        self.log_on_validation_end, self.out_dir = on_validation_end, out_dir
+        self.batch: dict[str, Any] | None = None
+        self.last_step = -1
+
+    def _module(self, pl_module: LightningModule) -> SupportsSampleGrid:
+        if not isinstance(pl_module, SupportsSampleGrid):
+            raise TypeError(
+                f"SampleGrid needs a module with sample_grid(batch, k); {type(pl_module).__name__} has none"
+            )
+        return pl_module
+
+    def _fixed_batch(self, trainer: Trainer) -> dict[str, Any] | None:
+        """The captured validation batch, else the first batch of the datamodule's validation loader."""
+        if self.batch is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            loader = datamodule.val_dataloader() if datamodule is not None else None
+            if loader is None:
+                return None
+            self.batch = _first(next(iter(loader)), self.k)
+        return self.batch
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Keep the first k samples of the first validation batch as the fixed batch."""
+        if self.batch is None and batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, dict):
+            self.batch = _first(batch, self.k)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Every `every_n_steps` optimizer steps: log a grid."""
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self.log_grid(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After each validation (not the sanity check): log a grid."""
+        if (
+            self.log_on_validation_end
+            and not trainer.sanity_checking
+            and trainer.global_step != self.last_step
+        ):
+            self.log_grid(trainer, pl_module)
+
+    def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
+        """Sample the fixed batch, draw the grid and log it; returns the PNG path on rank 0."""
+        module = self._module(pl_module)
+        batch = self._fixed_batch(trainer)
+        if batch is None:
+            return None
+        step = trainer.global_step
+        self.last_step = step
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                rows = module.sample_grid(
+                    pl_module.transfer_batch_to_device(batch, pl_module.device, 0), self.k
+                )
+        finally:
+            pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return None
+        image = to_pil(make_grid([(_cpu(r), _cpu(t), _cpu(p)) for r, t, p in rows], self.cell))
+        out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step_{step:06d}.png"
+        image.save(path)
+        for logger in trainer.loggers:
+            _log_image(logger, image, step)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step of the last grid (so a resumed run does not log the same step twice)."""
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step of the last grid."""
+        self.last_step = int(state_dict.get("last_step", -1))
+
+
+def _log_image(logger: Any, image: Any, step: int) -> None:
+    """Send one PIL image to a logger that can take it (MLflow artifact, TensorBoard image); others skip."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_image(logger.run_id, image, artifact_file=f"samples/step_{step:06d}.png")
+    elif isinstance(logger, TensorBoardLogger):
+        import numpy as np
+
+        logger.experiment.add_image("samples", np.asarray(image), step, dataformats="HWC")
