@@ -259,65 +259,16 @@ class CorrespondenceDataModule(WebDataModule):
     (bool, longest side 480: stacked when the shapes agree, else a list) and `gt_crop` [B, 4].
 
     Args:
-        data_dir: Folder of the shard set (`<split>-NNNNNN.tar` + index.json). Shard specs default to it.
-        train_shards: Training shards (brace pattern, glob, URL; `pipe:` only with OMNILAB_ALLOW_PIPE=1).
-        val_shards: Validation shards (finite, split by rank and worker).
-        test_shards: Test shards.
-        predict_shards: Prediction shards (defaults to the test shards).
-        batch_size: Training batch size per rank.
-        eval_batch_size: Evaluation batch size per rank (defaults to batch_size).
-        num_workers: DataLoader workers per rank.
-        batches_per_epoch: Training batches per rank per epoch (default: one pass, from index.json).
-        shuffle_buffer: Samples held by each stream's shuffle buffer.
-        num_streams: Virtual training streams; fix it to keep the data order across world sizes.
-        seed: Seed of every data random stream (shards, shuffle, augmentation).
-        max_skip_fraction: Stop when more than this fraction of samples is bad (judged on >= 20 samples).
-        synth: Generate the embedded shards into data_dir when they are absent.
-        synth_samples: Samples per split to generate, e.g. {train: 256, val: 32, test: 32}.
         image_size: Side S of the square model input (CCMP: 512; training crops S from short side S + 1).
         settings: Keep only pairs of these settings ("ego-exo", "exo-ego", "ego-ego", "exo-exo"); None: all.
+        **kwargs: The `WebDataModule` arguments (data_dir, shards, batch sizes, workers, seed, ...).
     """
 
     required = ("json", "src.jpg", "src_mask.png", "tgt.jpg", "tgt_mask.png")
     synth_kind = "correspondence"
 
-    def __init__(
-        self,
-        data_dir: str | None = None,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        test_shards: str | None = None,
-        predict_shards: str | None = None,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        batches_per_epoch: int | None = None,
-        shuffle_buffer: int = 256,
-        num_streams: int | None = None,
-        seed: int = 0,
-        max_skip_fraction: float = 0.05,
-        synth: bool = True,
-        synth_samples: dict[str, int] | None = None,
-        image_size: int = 512,
-        settings: list[str] | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            train_shards=train_shards,
-            val_shards=val_shards,
-            test_shards=test_shards,
-            predict_shards=predict_shards,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            batches_per_epoch=batches_per_epoch,
-            shuffle_buffer=shuffle_buffer,
-            num_streams=num_streams,
-            seed=seed,
-            max_skip_fraction=max_skip_fraction,
-            synth=synth,
-            synth_samples=synth_samples,
-        )
+    def __init__(self, image_size: int = 512, settings: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if image_size < 1:
             raise ValueError(f"data.image_size must be positive, got {image_size}")
         unknown = sorted(set(settings or ()) - set(SETTINGS))
