@@ -554,14 +554,3 @@ def convert(args: argparse.Namespace) -> Path:
     )
     print(report.summary())
     return report.index
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`python -m datamodules.convert.egoexo4d ...`: the converter without the omnilab CLI."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return convert(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -143,14 +143,3 @@ def convert(args: argparse.Namespace) -> Path:
     print(report.summary())
     assert report.index is not None
     return report.index
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`python -m datamodules.convert.mico150k ...`: the converter without the omnilab CLI."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return convert(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
