@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _per_sample(value: Tensor | float, like: Tensor) -> Tensor:
+def per_sample(value: Tensor | float, like: Tensor) -> Tensor:
     """`value` as fp32 broadcastable against `like`: a scalar, or one value per leading (batch) entry."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     return value.reshape(*value.shape, *(1,) * (like.ndim - value.ndim)) if value.ndim else value
@@ -31,7 +31,7 @@ def _per_sample(value: Tensor | float, like: Tensor) -> Tensor:
 
 def interpolate(x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
     """x_sigma = (1 - sigma) x0 + sigma eps (sigma a scalar or one per sample), in fp32."""
-    s = _per_sample(sigma, x0)
+    s = per_sample(sigma, x0)
     return (1 - s) * x0.float() + s * eps.float()
 
 
@@ -97,13 +97,13 @@ def sigma_schedule(steps: int, shift: Tensor | float = 1.0) -> Tensor:
 
 def euler_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
     """One Euler step of the flow ODE: x' = x + (sigma_next - sigma) v, in fp32 (as the diffusers scheduler)."""
-    dt = _per_sample(sigma_next, x) - _per_sample(sigma, x)
+    dt = per_sample(sigma_next, x) - per_sample(sigma, x)
     return x.float() + dt * v.float()
 
 
 def predicted_x0(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
     """The clean estimate x0 = x_sigma - sigma v (the endpoint of the straight path), in fp32."""
-    return x.float() - _per_sample(sigma, x) * v.float()
+    return x.float() - per_sample(sigma, x) * v.float()
 
 
 def cfg(v_uncond: Tensor, v_cond: Tensor, scale: float) -> Tensor:

@@ -1,0 +1,10 @@
+"""Reward functions for online RL: plain callables over images + text (see rewards/base.py for the interface).
+
+`base`: the interface, `RewardError` and `CombinedReward`; `scene`: checks of the generated data's exact
+ground truth (colour, position, count, per-reference consistency) and JPEG compressibility; `remote`: a
+reward served over HTTP from another process (large reward models).
+"""
+
+from rewards.base import CombinedReward, Reward, RewardError, RewardFn, per_reference
+
+__all__ = ["CombinedReward", "Reward", "RewardError", "RewardFn", "per_reference"]
