@@ -461,7 +461,7 @@ class FlowEdit(L.LightningModule):
         loss = flow_loss(v_pred, [flow.velocity(x, e) for x, e in zip(x0, eps)])
         size = len(x0)
         ref_tokens = sum(self.tokens(r) for sample in refs for r in sample)
-        self.log("train/loss", loss, batch_size=size, prog_bar=True)
+        self.log("train/loss", loss, batch_size=size)
         self.log("train/padding_fraction", float(self.backbone.last_padding_fraction), batch_size=size)
         self.log("train/tokens", float(sum(target_tokens) + ref_tokens), batch_size=size)
         return loss
