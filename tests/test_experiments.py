@@ -78,7 +78,7 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
             "fit", "--config", BASE, "--config", str(path), *CPU,
             f"--data.init_args.data_dir={in_tmp}/data",
             "--data.init_args.synth_samples={train: 16, val: 4, test: 4}",
-            "--trainer.max_steps=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
+            "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
             "--trainer.val_check_interval=3", "--trainer.check_val_every_n_epoch=null",
         ]
     )  # fmt: skip
