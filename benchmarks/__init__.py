@@ -10,4 +10,6 @@ BENCHMARKS: dict[str, str] = {
     "lightning_overhead": "Lightning fit loop vs a plain PyTorch loop on the same tiny DiT: step-time overhead",
     "ccmp_ttt": "CCMP test-time training: wall time per pair vs plain inference; memory of last-K vs all blocks",
     "ccmp_replication": "CCMP mini-replication: seg only / + cycle / + TTT on held-out synthetic and Middlebury pairs",
+    "grpo_throughput": "Flow-GRPO: rollout images/s, rollout vs update share, 2-step window vs all steps, reference memory",
+    "grpo_replication": "Flow-GRPO / MSGRPO / PDTR mini-replication: reward rise, per-reference rules, stage order",
 }
