@@ -18,11 +18,14 @@ norm_out, proj_out); it replaces only how tokens are embedded and positioned, th
   (index, h, w), target index 0 and reference k index k on the same h/w grid, per-sample ids; optional guidance.
 
 Padding: padded image keys (and masked text keys) get -inf before the softmax so they change nothing; padded
-queries attend to the real keys, produce finite garbage, and are dropped before unpatchify.
+queries attend to the real keys, produce finite garbage, and are dropped before unpatchify. On CUDA the padding
+is skipped, not computed: flex attention with a block mask of the real keys (`attention_path`, `packed_attention`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Self
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.utils.rnn import pad_sequence
 
 from lightning_modules.components.backbones import build_backbone
@@ -110,27 +114,107 @@ def unpatchify_2x2(tokens: Tensor, h: int, w: int) -> Tensor:
 # --- attention ------------------------------------------------------------------------------------------
 
 
+ATTENTION_PATHS = ("mask", "flex", "auto")
+FLEX_BLOCK = 128  # flex attention's default sparse block (query and key tiles)
+
+
+def resolve_attention_path(path: str, device: torch.device | str) -> str:
+    """The path `path` runs on `device`: "mask" or "flex"; "auto" is flex on CUDA (with triton), else mask."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention_path={path!r}: choose one of {', '.join(ATTENTION_PATHS)}")
+    if path != "auto":
+        return path
+    return "flex" if torch.device(device).type == "cuda" and _has_triton() else "mask"
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def padding_block_mask(mask: Tensor, block: int = FLEX_BLOCK) -> BlockMask:
+    """flex attention's BlockMask for self-attention over padded sequences: `mask` [B, L] True = a real token.
+
+    Every packed processor attends a sequence to itself, so one mask marks both real queries and real keys.
+    On the grid of block x block tiles: a tile whose keys are all padding, or whose queries are all padding,
+    is skipped; a tile of real keys only is full (no mask_mod inside); the rest are partial, where mask_mod
+    masks the padded keys. Padded queries that share a tile with real ones attend to the real keys (finite
+    garbage, dropped with the padding, as on the mask path); padded queries of a skipped tile get 0. So a
+    sample costs about its real tokens squared, not the padded length squared. `create_block_mask` would
+    evaluate a mask_mod on all B·L² pairs; this works on the B·L/block tiles: O(B·L) work, no host sync.
+    """
+    batch, length = mask.shape
+    n = -(-length // block)
+    # padded past L with False: mask_mod may be asked about indices of the last tile beyond L
+    padded = F.pad(mask.bool(), (0, n * block - length))
+    real = padded.view(batch, n, block).sum(-1)  # [B, n] real tokens per tile
+    rows = (real > 0)[:, None, :, None]  # [B, 1, n_q, 1]: query tiles with a real query
+
+    def tiles(chosen: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, 1, n_q, n_kv] chosen tiles -> counts [B, 1, n_q] and indices (chosen first, in order)."""
+        order = torch.argsort(chosen.int(), dim=-1, descending=True, stable=True)
+        return chosen.sum(-1, dtype=torch.int32), order.int().contiguous()
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return padded[b, kv]
+
+    partial = rows & ((real > 0) & (real < block))[:, None, None, :]
+    full = rows & (real == block)[:, None, None, :]
+    return BlockMask.from_kv_blocks(
+        *tiles(partial), *tiles(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(length, length)
+    )
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    """flex_attention compiled once (fused kernels on CUDA; eager flex materialises the scores)."""
+    return torch.compile(flex_attention)  # a new padded length recompiles once, then runs dynamic
+
+
 def packed_attention(
-    query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None, backend: Any = None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_mask: Tensor | None,
+    backend: Any = None,
+    path: str = "mask",
 ) -> Tensor:
     """Attention over [B, L, H, D] tensors where keys with `key_mask` [B, Lk] False are ignored; -> [B, Lq, H, D].
 
-    This is the mask path, used everywhere: SDPA with a boolean key mask broadcast over heads and queries
-    (False -> -inf before the softmax). `backend` is the processor's `_attention_backend`, which diffusers'
-    `set_attention_backend` (and so `omnilab.attention.apply_attention`) sets: None/native -> SDPA here, xformers
-    -> diffusers' dispatcher (it turns the key mask into an additive bias); backends that cannot take a mask are
-    refused.
+    Two paths, the same output (tests/lightning_modules/test_packed_flex.py), chosen by `path` (the
+    processors' `attention_path`; "auto" = flex on CUDA, mask on CPU, `resolve_attention_path`):
 
-    CUDA varlen path (design note; not built): the padded layout costs B·L² whatever the padding. A varlen path
-    keeps this function's contract and swaps its body, chosen by a `varlen: bool` on the processors: (a) flex
-    attention — `create_block_mask(lambda b, h, q, kv: key_mask[b, kv], B, None, Lq, Lk)` built once per forward
-    (every layer shares the mask) and `flex_attention(q, k, v, block_mask=...)` under `torch.compile`, which skips
-    fully padded 128x128 blocks; or (b) `flash_attn_varlen_func` on the unpadded tokens (cu_seqlens from the key
-    mask), unpadding just before attention and repadding after, because the reused blocks modulate with a
-    per-sample [B, D] embedding and need the [B, L] layout everywhere else. Either must match this path (the
-    tests here) before it is used. On CUDA, SDPA serves this path with a mask-capable kernel (not flash).
+    - mask: SDPA with a boolean key mask broadcast over heads and queries (False -> -inf before the
+      softmax); the padded layout costs B·L² whatever the padding. `backend` is the processor's
+      `_attention_backend`, which diffusers' `set_attention_backend` (and so `omnilab.attention.apply_attention`)
+      sets: None/native -> SDPA here, xformers -> diffusers' dispatcher (it turns the key mask into an additive
+      bias); backends that cannot take a mask are refused.
+    - flex: `flex_attention` with a `padding_block_mask` (queries and keys are the same tokens in every packed
+      processor): 128 x 128 tiles of padding are skipped and tiles of real keys run without a mask, so a
+      sample costs about its real tokens squared, not the padded length squared. The real queries' outputs
+      equal the mask path's; padded queries may differ (0 in a skipped tile) and are dropped anyway. Compiled
+      on CUDA (fused kernels); eager elsewhere (unfused, and forward-only on CPU: for tests). It replaces the
+      dispatcher, so it runs only under the native backend: explicit flex with xformers is refused, auto
+      keeps xformers on the mask path. The reused blocks modulate with a per-sample [B, D] embedding, so the
+      [B, L] layout stays everywhere else and only attention skips the padding.
     """
     name = getattr(backend, "value", backend)
+    resolved = resolve_attention_path(path, query.device)
+    if resolved == "flex" and name not in (None, "native"):
+        if path == "flex":
+            raise ValueError(
+                f"attention_path='flex' replaces the attention backend; got backend {name!r} too"
+            )
+        resolved = "mask"
+    if resolved == "flex" and key_mask is not None:  # no mask: nothing to skip, SDPA's flash kernel serves
+        if query.shape[1] != key.shape[1]:
+            raise ValueError(
+                f"the flex path is self-attention: {query.shape[1]} queries, {key.shape[1]} keys"
+            )
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        block_mask = padding_block_mask(key_mask)
+        attend = _compiled_flex() if q.is_cuda else flex_attention
+        return attend(q, k, v, block_mask=block_mask).transpose(1, 2)
     if name in (None, "native"):
         mask = None if key_mask is None else key_mask[:, None, None, :]
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -167,10 +251,14 @@ def rotate_real(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class _PackedProcessor:
-    """Slots that diffusers' `set_attention_backend` reads and fills on every processor."""
+    """Slots that diffusers' `set_attention_backend` reads and fills on every processor, and the attention path."""
 
     _attention_backend = None
     _parallel_config = None
+
+    def __init__(self, attention_path: str = "auto") -> None:
+        resolve_attention_path(attention_path, "cpu")  # checks the name
+        self.attention_path = attention_path
 
 
 class PackedJointAttnProcessor(_PackedProcessor):
@@ -215,7 +303,9 @@ class PackedJointAttnProcessor(_PackedProcessor):
                 (text_mask, encoder_hidden_states.shape[1], encoder_hidden_states),
             )
         out = (
-            packed_attention(query, key, value, key_mask, self._attention_backend).flatten(2).to(query.dtype)
+            packed_attention(query, key, value, key_mask, self._attention_backend, self.attention_path)
+            .flatten(2)
+            .to(query.dtype)
         )
         if encoder_hidden_states is None:
             return attn.to_out[1](attn.to_out[0](out))
@@ -265,7 +355,7 @@ class PackedQwenAttnProcessor(_PackedProcessor):
             (image_mask, hidden_states.shape[1], hidden_states),
         )
         out = (
-            packed_attention(query, key, value, key_mask, self._attention_backend)
+            packed_attention(query, key, value, key_mask, self._attention_backend, self.attention_path)
             .flatten(2, 3)
             .to(query.dtype)
         )
@@ -313,7 +403,7 @@ class PackedFluxAttnProcessor(_PackedProcessor):
         if image_rotary_emb is not None:
             query, key = (rotate_real(t, *image_rotary_emb) for t in (query, key))
         out = (
-            packed_attention(query, key, value, key_mask, self._attention_backend)
+            packed_attention(query, key, value, key_mask, self._attention_backend, self.attention_path)
             .flatten(2, 3)
             .to(query.dtype)
         )
@@ -332,6 +422,9 @@ class PackedDiT(nn.Module):
 
     Subclasses set `model_class`, `target_first` and the processor, and implement `_embed` (one sample's images,
     in sequence order, to [L_i, D] tokens), `_denoise` (padded tokens to [B, L, D_out]) and `_unpatchify`.
+    `attention_path` ("mask" | "flex" | "auto", stored on the processors; see `packed_attention`): how attention
+    leaves the padding out; "auto" is flex attention with a block mask on CUDA and SDPA with the mask on CPU.
+    FlowEdit passes it through its backbone dict (`backbone: {family, config, attention_path: flex}`).
     """
 
     model_class: ClassVar[type[nn.Module]]
@@ -339,12 +432,13 @@ class PackedDiT(nn.Module):
     processor_class: ClassVar[type[_PackedProcessor]]
     patch_size: int = 2  # latent pixels per token side (the 2x2 patch of all three families)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, attention_path: str = "auto") -> None:
         super().__init__()
         self.model = model
         self.latent_channels = self._latent_channels()
         self.last_padding_fraction = 0.0
-        model.set_attn_processor(self.processor_class())
+        self.attention_path = attention_path
+        model.set_attn_processor(self.processor_class(attention_path))
 
     @classmethod
     def from_spec(
@@ -507,14 +601,14 @@ class QwenImageEdit(_PackedLatentsDiT):
     model_class = QwenImageTransformer2DModel
     processor_class = PackedQwenAttnProcessor
 
-    def __init__(self, model: QwenImageTransformer2DModel) -> None:
+    def __init__(self, model: QwenImageTransformer2DModel, attention_path: str = "auto") -> None:
         if getattr(model.config, "use_layer3d_rope", False) or getattr(
             model.config, "use_additional_t_cond", False
         ):
             raise ValueError(
                 "QwenImageEdit packs the edit models; Qwen-Image-Layered's layer3d/t-cond are not supported"
             )
-        super().__init__(model)
+        super().__init__(model, attention_path)
 
     def _embedder(self) -> nn.Linear:
         return self.model.img_in
@@ -566,13 +660,15 @@ class FluxKontext(_PackedLatentsDiT):
     model_class = FluxTransformer2DModel
     processor_class = PackedFluxAttnProcessor
 
-    def __init__(self, model: FluxTransformer2DModel, guidance: float | None = None) -> None:
+    def __init__(
+        self, model: FluxTransformer2DModel, guidance: float | None = None, attention_path: str = "auto"
+    ) -> None:
         if bool(model.config.guidance_embeds) != (guidance is not None):
             raise ValueError(
                 f"FluxKontext: guidance={guidance} but the model has guidance_embeds={model.config.guidance_embeds}; "
                 "a guidance-distilled model (dev/Kontext) needs a guidance scale, other models none"
             )
-        super().__init__(model)
+        super().__init__(model, attention_path)
         self.guidance = guidance
 
     def _embedder(self) -> nn.Linear:
