@@ -10,6 +10,9 @@ BENCHMARKS: dict[str, str] = {
     "lightning_overhead": "Lightning fit loop vs a plain PyTorch loop on the same tiny DiT: step-time overhead",
     "ccmp_ttt": "CCMP test-time training: wall time per pair vs plain inference; memory of last-K vs all blocks",
     "ccmp_replication": "CCMP mini-replication: seg only / + cycle / + TTT on held-out synthetic and Middlebury pairs",
+    "self_packing": "SELF packing vs naive padding to the longest: padding fraction and training tokens/s",
+    "sampler_vs_pipeline": "FlowEdit.sample vs the diffusers Qwen-Image-Edit-Plus denoising loop: time per image",
+    "uniref_replication": "UniRef mini-replication: progressive vs full pixel budget; composition PSNR at 1/3/6 refs",
     "grpo_throughput": "Flow-GRPO: rollout images/s, rollout vs update share, 2-step window vs all steps, reference memory",
     "grpo_replication": "Flow-GRPO / MSGRPO / PDTR mini-replication: reward rise, per-reference rules, stage order",
 }

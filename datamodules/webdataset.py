@@ -19,8 +19,11 @@ The training stream (why resume is exact and DDP parity holds):
   global batch, the global batch at every step holds the same samples on 1 process or on R processes.
 - An epoch is `batches_per_epoch` batches per rank, and each epoch re-seeds every stream.
 - The position is (epoch, batches the trainer finished in the epoch): read from the trainer's loop
-  progress, identical on every rank, saved in the checkpoint as the loader's `state_dict`. On resume each
-  stream replays the samples it had already delivered (decoded and discarded), then continues.
+  progress, identical on every rank, saved in the checkpoint as the DataModule's `state_dict`. The
+  DataModule's state is restored before `configure_optimizers` runs, so reading
+  `trainer.estimated_stepping_batches` there (which makes the train iterator before the loops are restored,
+  and drops a dataloader's own state: Lightning issue 20550) still resumes exactly. On resume each stream
+  replays the samples it had already delivered (decoded and discarded), then continues.
 Evaluation streams are finite: shard i goes to global worker i mod (R*W), read in order, never repeated.
 """
 
@@ -465,7 +468,7 @@ class EvalStream(_Stream):
 
 
 class StreamLoader(DataLoader):
-    """A DataLoader over a stream whose position (epoch, batches done) travels in the checkpoint."""
+    """A DataLoader over a stream that starts at a position (epoch, batches done): `resume_at`, else the trainer's."""
 
     def __init__(
         self,
@@ -493,14 +496,9 @@ class StreamLoader(DataLoader):
             stream.set_position(epoch, start)
         return super().__iter__()
 
-    def state_dict(self) -> dict[str, int]:
-        """The stream position: (epoch, batches the trainer finished in it)."""
-        epoch, batches = self.position()
-        return {"epoch": epoch, "batches": batches}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume the next iteration from a saved position."""
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start the next iteration at this position (a checkpoint's) instead of the trainer's progress."""
+        self._resume = {"epoch": int(epoch), "batches": int(batches)}
 
     def totals(self) -> tuple[int, int]:
         """(samples seen, samples skipped) summed over this loader's workers."""
@@ -565,6 +563,9 @@ class WebDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.num_streams, self.seed = shuffle_buffer, num_streams, seed
         self.max_skip_fraction, self.synth, self.synth_samples = max_skip_fraction, synth, synth_samples
         self.loaders: dict[str, StreamLoader] = {}
+        self._resume: tuple[int, int] | None = (
+            None  # a checkpoint's training position, until a loader takes it
+        )
 
     # -- what a data kind supplies
     def transform(self, train: bool) -> Transform:
@@ -616,6 +617,21 @@ class WebDataModule(L.LightningDataModule):
             )
         return max(1, count // (self.batch_size * self._placement()[1]))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (epoch, batches the trainer finished in it), for the checkpoint."""
+        epoch, batches = self._position()
+        return {"train_position": {"epoch": epoch, "batches": batches}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the training stream at a checkpoint's position (Lightning calls this before fitting)."""
+        position = state.get("train_position")
+        if position is None:
+            return
+        self._resume = (int(position["epoch"]), int(position["batches"]))
+        if "train" in self.loaders:
+            self.loaders["train"].resume_at(*self._resume)
+            self._resume = None
+
     def _loader(self, split: str) -> StreamLoader:
         spec = self.shard_spec(split)
         if spec is None:
@@ -642,6 +658,9 @@ class WebDataModule(L.LightningDataModule):
         else:
             stream = EvalStream(**common)
         loader = StreamLoader(stream, self.num_workers, position=self._position, placement=self._placement)
+        if train and self._resume is not None:
+            loader.resume_at(*self._resume)
+            self._resume = None
         self.loaders[split] = loader
         return loader
 

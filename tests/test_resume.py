@@ -31,9 +31,10 @@ def fit(
     ckpt: str | None = None,
     crash: int | None = None,
     epoch_ckpt=False,
+    cosine=False,
 ):
     L.seed_everything(0)
-    module = ToyModule(lr=0.05, trace_dir=str(root / "trace"))
+    module = ToyModule(lr=0.05, trace_dir=str(root / "trace"), cosine=cosine)
     data = ToyData(
         data_dir=str(data_dir), batch_size=3, batches_per_epoch=7, num_workers=workers, shuffle_buffer=5
     )
@@ -66,15 +67,20 @@ def trace(root: Path) -> dict[int, dict]:
     return {line["step"]: line for line in lines}  # a replayed step keeps its last record
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_and_resumed_fit_equals_uninterrupted(tmp_path, workers):
+@pytest.mark.parametrize(
+    ("workers", "cosine"),
+    # cosine: configure_optimizers reads trainer.estimated_stepping_batches, which builds the train loader
+    # before the checkpoint is restored (Lightning issue 20550); the position still comes back exactly
+    [(0, False), (2, False), (0, True)],
+)
+def test_killed_and_resumed_fit_equals_uninterrupted(tmp_path, workers, cosine):
     data = tmp_path / "data"
     write_toy_shards(data, {"train": [8, 6, 5, 3], "val": [4]})
-    full = fit(tmp_path / "full", data, workers)
-    assert fit(tmp_path / "cut", data, workers, crash=5) is None  # step 5 of 7 in epoch 0: mid-epoch
-    resumed = fit(
-        tmp_path / "cut", data, workers, ckpt=str(tmp_path / "cut" / "ckpt" / "epoch=0-step=3.ckpt")
-    )
+    full = fit(tmp_path / "full", data, workers, cosine=cosine)
+    # step 5 of 7 in epoch 0: mid-epoch
+    assert fit(tmp_path / "cut", data, workers, crash=5, cosine=cosine) is None
+    ckpt = str(tmp_path / "cut" / "ckpt" / "epoch=0-step=3.ckpt")
+    resumed = fit(tmp_path / "cut", data, workers, ckpt=ckpt, cosine=cosine)
 
     assert full.global_step == resumed.global_step == 14
     a, b = full.lightning_module.state_dict(), resumed.lightning_module.state_dict()

@@ -74,6 +74,8 @@ class ToyModule(L.LightningModule):
         trace_dir: Write `trace-rank<r>.jsonl` lines {phase, step, epoch, loss, keys, params} there.
         nan_steps: Global steps at which the loss becomes NaN.
         nan_rank: The rank that injects the NaN (-1: every rank).
+        cosine: Add a cosine LR schedule over `trainer.estimated_stepping_batches`, read in
+            `configure_optimizers` (the call that drops a StatefulDataLoader's state, Lightning issue 20550).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class ToyModule(L.LightningModule):
         trace_dir: str | None = None,
         nan_steps: list[int] | None = None,
         nan_rank: int = -1,
+        cosine: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,6 +124,11 @@ class ToyModule(L.LightningModule):
             "test/loss", nn.functional.mse_loss(self.net(batch["x"]), batch["y"]), batch_size=len(batch["x"])
         )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW."""
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self) -> Any:
+        """AdamW, optionally with a cosine schedule over the estimated number of steps."""
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        if not self.hparams.cosine:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -86,7 +86,7 @@ def test_resumed_stream_replays_nothing_and_skips_nothing(toy_dir):
         full = StreamLoader(train_stream(shards, batch_size=3), num_workers=workers)
         expected = keys(full)
         resumed = StreamLoader(train_stream(shards, batch_size=3), num_workers=workers)
-        resumed.load_state_dict({"epoch": 0, "batches": 4})
+        resumed.resume_at(0, 4)
         assert keys(resumed) == expected[4:], f"workers={workers}"
 
 
