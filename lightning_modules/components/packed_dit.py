@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Self
 
@@ -44,10 +45,13 @@ from lightning_modules.components.backbones import build_backbone
 
 @dataclass
 class TextConditioning:
-    """Text (or VLM) conditioning of a batch: hidden states [B, T, D], mask [B, T] (True = real), pooled [B, P]."""
+    """Text (or VLM) conditioning of a batch: hidden states [B, T, D], mask [B, T] (True = real), pooled [B, P].
+
+    Inside the backbone a mask of all True becomes None (nothing to mask), as the stock pipelines pass it.
+    """
 
     hidden: Tensor
-    mask: Tensor
+    mask: Tensor | None
     pooled: Tensor | None = None
 
 
@@ -66,6 +70,11 @@ class Packing(NamedTuple):
         sizes = [h * w for h, w in self.grids[i]]
         start = 0 if self.target_slot == 0 else sum(sizes[:-1])
         return start, start + sizes[self.target_slot]
+
+    @property
+    def key_mask(self) -> Tensor | None:
+        """`image_mask` for attention, None when no sample is padded (SDPA then runs its unmasked kernels)."""
+        return self.image_mask if any(n != self.length for n in self.lengths) else None
 
     @property
     def padding_fraction(self) -> float:
@@ -439,6 +448,17 @@ class PackedDiT(nn.Module):
         self.last_padding_fraction = 0.0
         self.attention_path = attention_path
         model.set_attn_processor(self.processor_class(attention_path))
+        self._memo_table: dict[tuple, Any] = {}
+
+    def _memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """`build()` for `key`, kept for the last few keys: the layout (packing, RoPE) of a batch is the same on
+        every one of a sampler's 2 x steps calls, and rebuilding it costs ~10% of a tiny model's step."""
+        key = (*key, torch.is_inference_mode_enabled())  # inference tensors cannot be saved for backward
+        if key not in self._memo_table:
+            if len(self._memo_table) >= 8:
+                self._memo_table.pop(next(iter(self._memo_table)))
+            self._memo_table[key] = build()
+        return self._memo_table[key]
 
     @classmethod
     def from_spec(
@@ -478,16 +498,23 @@ class PackedDiT(nn.Module):
                 f"{batch} targets, {len(refs)} reference lists, text hidden {tuple(text.hidden.shape)} and mask "
                 f"{tuple(text.mask.shape)}: need B >= 1 targets, B reference lists, hidden [B, T, D], mask [B, T]"
             )
-        device, dtype = self.model.device, self.model.dtype
+        # from a parameter: diffusers' ModelMixin.device/.dtype walk every module (13% of a tiny sampling step)
+        weight = next(self.model.parameters())
+        device, dtype = weight.device, weight.dtype
         sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        mask = text.mask.to(device).bool()
         text = TextConditioning(
             text.hidden.to(device, dtype),
-            text.mask.to(device).bool(),
+            None if bool(mask.all()) else mask,  # one check per call, not per attention layer
             None if text.pooled is None else text.pooled.to(device, dtype),
         )
         images = [[t, *r] if self.target_first else [*r, t] for t, r in zip(target, refs)]
         grids = [[self._grid(x, i) for x in sample] for i, sample in enumerate(images)]
-        packing = plan_packing(grids, self.target_first, max_tokens, device)
+        layout = tuple(tuple(g) for g in grids)
+        packing = self._memo(
+            ("packing", layout, max_tokens, device),
+            lambda: plan_packing(grids, self.target_first, max_tokens, device),
+        )
         self.last_padding_fraction = packing.padding_fraction
         tokens = [self._embed([x.to(device, dtype) for x in sample]) for sample in images]
         hidden = pad_sequence(tokens, batch_first=True)
@@ -513,6 +540,14 @@ class PackedDiT(nn.Module):
                 f"[{self.latent_channels}, H, W] with H and W multiples of {p}"
             )
         return latent.shape[1] // p, latent.shape[2] // p
+
+    def rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The rotary embedding of a layout (the family's `_rotary`), memoised: (image, text) freqs or (cos, sin)."""
+        key = ("rotary", tuple(tuple(g) for g in packing.grids), packing.length, text_len, device)
+        return self._memo(key, lambda: self._rotary(packing, text_len, device))
+
+    def _rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no rotary embedding")
 
     def _run_block(self, block: nn.Module, *args: Any) -> Any:
         """One stock block, through the model's gradient checkpointing when it is enabled."""
@@ -561,7 +596,7 @@ class SD3Kontext(PackedDiT):
         # SD3 timesteps are sigma·1000, kept in fp32 as the pipeline passes them.
         temb = m.time_text_embed(sigma * 1000, text.pooled)
         context = m.context_embedder(text.hidden)
-        masks = {"image_mask": packing.image_mask, "text_mask": text.mask}
+        masks = {"image_mask": packing.key_mask, "text_mask": text.mask}
         for block in m.transformer_blocks:
             context, hidden = self._run_block(block, hidden, context, temb, masks)
         return m.proj_out(m.norm_out(hidden, temb))
@@ -613,7 +648,7 @@ class QwenImageEdit(_PackedLatentsDiT):
     def _embedder(self) -> nn.Linear:
         return self.model.img_in
 
-    def rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per-sample MSRoPE: image freqs [B, L, D/2] (ones at padding) and text freqs [B, T, D/2].
 
         `QwenEmbedRope.forward` reads only the first sample's `img_shapes`, so it is called once per sample with
@@ -640,7 +675,7 @@ class QwenImageEdit(_PackedLatentsDiT):
         context = m.txt_in(m.txt_norm(text.hidden))
         temb = m.time_text_embed(timestep, hidden)
         rotary = self.rotary(packing, text.hidden.shape[1], hidden.device)
-        masks = {"image_mask": packing.image_mask}
+        masks = {"image_mask": packing.key_mask}
         for block in m.transformer_blocks:
             context, hidden = self._run_block(
                 block, hidden, context, text.mask, temb, rotary, masks, modulate_index
@@ -674,7 +709,7 @@ class FluxKontext(_PackedLatentsDiT):
     def _embedder(self) -> nn.Linear:
         return self.model.x_embedder
 
-    def rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per-sample RoPE cos/sin [B, T + L, D] for ids [text: (0, 0, 0)] + [image k: (k, row, col)], zeros at padding."""
         ids = torch.zeros(len(packing.grids), text_len + packing.length, 3, device=device)
         for i, grid in enumerate(packing.grids):
@@ -703,7 +738,7 @@ class FluxKontext(_PackedLatentsDiT):
             temb = m.time_text_embed(timestep, torch.full_like(timestep, self.guidance) * 1000, text.pooled)
         context = m.context_embedder(text.hidden)
         rotary = self.rotary(packing, text.hidden.shape[1], hidden.device)
-        masks = {"image_mask": packing.image_mask, "text_mask": text.mask}
+        masks = {"image_mask": packing.key_mask, "text_mask": text.mask}
         for block in [*m.transformer_blocks, *m.single_transformer_blocks]:
             context, hidden = self._run_block(block, hidden, context, temb, rotary, masks)
         return m.proj_out(m.norm_out(hidden, temb))

@@ -320,3 +320,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert len(plain) == len(checkpointed) > 0
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_repeated_layout_is_planned_once_and_gives_the_same_velocity(family, monkeypatch):
+    # a sampler calls the backbone 2 x steps times on one layout: packing and RoPE are built once
+    import lightning_modules.components.packed_dit as packed
+
+    plans = []
+    real_plan = packed.plan_packing
+    monkeypatch.setattr(packed, "plan_packing", lambda *a, **k: plans.append(a) or real_plan(*a, **k))
+    torch.manual_seed(5)
+    targets, refs = latents((4, 4)), [latents((4, 8))]
+    _, text = family.texts([3])
+    with torch.no_grad():
+        first = family.backend(targets, refs, torch.tensor([0.4]), text)
+        second = family.backend(targets, refs, torch.tensor([0.4]), text)
+        family.backend(targets, refs, torch.tensor([0.4]), text, max_tokens=40)  # a new layout: planned
+    assert len(plans) == 2
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
