@@ -208,7 +208,8 @@ class FlowEdit(L.LightningModule):
     Args:
         backbone: The packed DiT: `{family: sd3_kontext | qwen_image_edit | flux_kontext, pretrained:
             <hub id or dir>, subfolder: transformer}` or `{family, config: {...}}` (the diffusers
-            transformer's config, random init); other keys go to the backend (e.g. FLUX `guidance`).
+            transformer's config, random init); other keys go to the backend (e.g. FLUX `guidance`,
+            `attention_path: auto | mask | flex`, how attention leaves the padding out).
         vae: `{pretrained, subfolder: vae}` or `{config: {...}}`; `AutoencoderKL` for SD3/FLUX (16 latent
             channels, scaling/shift factors from its config), `AutoencoderKLQwenImage` for Qwen-Image.
             Its downsampling factor times the DiT patch (2) is the pixels per token.
