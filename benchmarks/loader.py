@@ -38,7 +38,9 @@ class LooseFiles(Dataset):
             "__key__": key,
             **{ext: (self.root / f"{key}.{ext}").read_bytes() for ext in self.members[key]},
         }
-        return self.transform(decode_sample(raw, self.required), numpy_rng(0, i))
+        example = self.transform(decode_sample(raw, self.required), numpy_rng(0, i))
+        example.setdefault("__key__", key)  # as the stream does
+        return example
 
 
 def main(argv: list[str] | None = None) -> None:

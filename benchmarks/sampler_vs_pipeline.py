@@ -13,9 +13,9 @@ rescale), the same sigma schedule. Both sides skip the VAE and the text encoder:
   embeddings precomputed as the pipeline's `encode_prompt` returns them (an all-ones mask becomes None).
 
 The scheduler is Qwen-Image's `FlowMatchEulerDiscreteScheduler` config (dynamic exponential shift, 256 -> 0.5,
-8192 -> 0.9) without its `shift_terminal` 0.02, which FlowEdit's sampler does not apply: with it, the two
-schedules would differ (a finding reported in the notes); the per-step cost is the same either way. The final
-latents of the two are compared as a check that the loops compute the same thing. Runs interleave; medians.
+8192 -> 0.9, `shift_terminal` 0.02), and FlowEdit's sampler is given the same terminal (`sampler.shift_terminal`,
+as the real Qwen experiments set it). The final latents of the two are compared as a check that the loops
+compute the same thing. Runs interleave; medians.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from lightning_modules.flow_edit import FlowEdit
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "experiments" / "_base" / "tiny_flow_qwen.yaml"
-QWEN_SCHEDULER = {  # Qwen/Qwen-Image scheduler_config.json, less shift_terminal (see the module docstring)
+QWEN_SCHEDULER = {  # Qwen/Qwen-Image scheduler_config.json
     "base_image_seq_len": 256,
     "base_shift": 0.5,
     "max_image_seq_len": 8192,
     "max_shift": 0.9,
     "num_train_timesteps": 1000,
     "shift": 1.0,
+    "shift_terminal": 0.02,
     "time_shift_type": "exponential",
     "use_dynamic_shifting": True,
 }
@@ -95,7 +96,8 @@ def build(layers: int, heads: int, head_dim: int) -> FlowEdit:
         ],  # sums to head_dim
     }
     torch.manual_seed(0)
-    model = FlowEdit(**{**init, "backbone": backbone}).eval()
+    sampler = {**init["sampler"], "shift_terminal": QWEN_SCHEDULER["shift_terminal"]}
+    model = FlowEdit(**{**init, "backbone": backbone, "sampler": sampler}).eval()
     model.configure_model()
     return model
 
@@ -260,12 +262,11 @@ def main(argv: list[str] | None = None) -> None:
         "of QwenImageEditPlusPipeline.__call__ copied from its source onto a stock QwenImageTransformer2DModel "
         "(stock processors; the pipeline drops an all-ones prompt mask, so its attention runs unmasked); ours = "
         "FlowEdit.sample over the packed backend (attention path "
-        f"`{resolve_attention_path(model.backbone.attention_path, 'cpu')}`: SDPA with the padding mask, which at "
-        "batch 1 has no padding). max |Δ latent| = largest difference of the final latents (the two loops compute "
+        f"`{resolve_attention_path(model.backbone.attention_path, 'cpu')}`: SDPA, with a mask only where something is "
+        "padded or masked; at batch 1 nothing is). max |Δ latent| = largest difference of the final latents (the two loops compute "
         f"the same thing). Median of {args.repeats} interleaved runs after a warm-up; the paired ratio compares the two "
-        f"runs of each round (robust to load drifting between rounds). Target: ratio <= 1.1. Not "
-        "compared: Qwen-Image's scheduler config has shift_terminal 0.02, which FlowEdit's sampler does not apply "
-        "(its last sigmas differ from the pipeline's with the real config); the timing is unaffected. Load average "
+        "runs of each round (robust to load drifting between rounds). Target: ratio <= 1.1. Both sides use Qwen-Image's "
+        "scheduler config, shift_terminal 0.02 included (FlowEdit: `sampler.shift_terminal`). Load average "
         f"at start {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) on a machine shared with other jobs."
     )
     metrics = {f"ratio_{r['config'].split()[0]}": r["ratio ours / diffusers"] for r in rows}

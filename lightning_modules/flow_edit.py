@@ -51,6 +51,7 @@ BACKENDS: dict[str, type[PackedDiT]] = {
     "flux_kontext": FluxKontext,
 }
 TEXT_FAMILY = {"sd3_kontext": "sd3", "qwen_image_edit": "qwen", "flux_kontext": "flux"}
+SIGMA_GRID = {"sd3_kontext": "sd3", "qwen_image_edit": "flux", "flux_kontext": "flux"}  # as their pipelines
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (x, v, sigma, sigma_next) -> x_next, per sample
 
 
@@ -178,6 +179,8 @@ class Sampler(TypedDict, total=False):
     true_cfg: bool  # Qwen-Image's true CFG (with optional norm rescale) instead of plain CFG
     cfg_norm_rescale: bool  # rescale the combined velocity to the conditional one's norm per token
     shift: float | Literal["resolution"]  # a float (SD3.5-M: 3.0) or the timesteps' line (default)
+    grid: Literal["flux", "sd3"] | None  # the pipeline's sigma grid (flow.sigma_schedule); None: family's
+    shift_terminal: float | None  # the scheduler's shift_terminal (Qwen-Image: 0.02); default None
     negative_prompt: str  # the unconditional prompt (default "", Qwen pipelines use " ")
     size: list[int]  # [H, W] when neither the call nor the batch gives one (default [512, 512])
 
@@ -197,6 +200,8 @@ SAMPLER_DEFAULTS: Sampler = {
     "true_cfg": False,
     "cfg_norm_rescale": False,
     "shift": "resolution",
+    "grid": None,  # SIGMA_GRID[family]
+    "shift_terminal": None,
     "negative_prompt": "",
     "size": [512, 512],
 }
@@ -230,7 +235,8 @@ class FlowEdit(L.LightningModule):
         lr_schedule: After warm-up, "constant" or "cosine" (to 0 at the trainer's last step).
         lora: peft `LoraConfig` kwargs (r, lora_alpha, target_modules, ...): when set, only the LoRA
             parameters of the backbone train.
-        sampler: Sampling defaults (`Sampler`; default 50 steps, text-only CFG 3.5, resolution shift).
+        sampler: Sampling defaults (`Sampler`; default 50 steps, text-only CFG 3.5, resolution shift, the
+            sigma grid of the family's diffusers pipeline).
         drop_text: Training probability of an empty instruction per sample (CFG training; the
             datamodule's `drop_text` does the same on the data side: use one of them).
         attention: Attention backend, `sdpa` | `xformers` | `auto` (`omnilab.attention`).
@@ -286,6 +292,8 @@ class FlowEdit(L.LightningModule):
         self.max_ref_tokens = max_ref_tokens
         self.timesteps: Timesteps = {**TIMESTEP_DEFAULTS, **(timesteps or {})}
         self.sampler: Sampler = {**SAMPLER_DEFAULTS, **(sampler or {})}
+        self.sampler["grid"] = self.sampler["grid"] or SIGMA_GRID[family]
+        flow.sigma_schedule(1, grid=self.sampler["grid"])  # checks the name now, not at the first sample
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.lora, self.drop_text, self.attention = lora, drop_text, attention
@@ -401,6 +409,12 @@ class FlowEdit(L.LightningModule):
                 )
             refs = (int(max(batch["ref_budget"])) // self.pixels_per_token) ** 2
         return int(refs) + max(target_tokens)
+
+    def sigmas(self, steps: int, target_tokens: Sequence[int]) -> Tensor:
+        """The sampler's sigmas [B, steps + 1] on this device: its shift, grid and terminal per target size."""
+        shift = self.shift_for(target_tokens, self.sampler["shift"])
+        grid, terminal = self.sampler["grid"], self.sampler["shift_terminal"]
+        return flow.sigma_schedule(steps, shift, grid, terminal).to(self.device)
 
     def shift_for(self, target_tokens: Sequence[int], shift: float | str) -> Tensor:
         """Per-sample time shift: the fixed float, or exp(mu(tokens)) on the timesteps' resolution line."""
@@ -574,7 +588,7 @@ class FlowEdit(L.LightningModule):
         text = self.text_encoder(list(instruction), ref_pixels)
         uncond = self.text_encoder([cfg_["negative_prompt"]] * n, ref_pixels) if guidance > 1 else None
         target_tokens = [self.tokens(xi) for xi in x]
-        sigmas = flow.sigma_schedule(steps, self.shift_for(target_tokens, cfg_["shift"])).to(self.device)
+        sigmas = self.sigmas(steps, target_tokens)
         max_tokens = None  # sampling pads to the longest sequence: masked padding changes nothing, only costs
         for i in range(steps):
             sigma, sigma_next = sigmas[:, i], sigmas[:, i + 1]

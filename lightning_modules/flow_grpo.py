@@ -395,8 +395,7 @@ class FlowGRPO(FlowEdit):
         ]
         conds = self._conditioning(refs, prompts, guidance)
         cond = self._batch_conditioning(conds)
-        shift = self.shift_for([self.tokens(xi) for xi in x], self.sampler["shift"])
-        sigmas = flow.sigma_schedule(steps, shift).to(self.device)  # [n, steps + 1]
+        sigmas = self.sigmas(steps, [self.tokens(xi) for xi in x])  # [n, steps + 1]
         t_count = len(position)
         latents: list[list[Tensor]] = [[] for _ in range(n)]
         nexts: list[list[Tensor]] = [[] for _ in range(n)]

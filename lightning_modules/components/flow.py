@@ -81,17 +81,37 @@ def resolution_shift(
     return torch.exp(base_mu + slope * (tokens - base_tokens))
 
 
-def sigma_schedule(steps: int, shift: Tensor | float = 1.0) -> Tensor:
-    """The sampling sigmas [steps + 1]: time_shift(linspace(1, 1/steps, steps), shift), then 0.
+SIGMA_GRIDS = ("flux", "sd3")
+SD3_TRAIN_STEPS = 1000  # the scheduler's training table: sigmas t / 1000, t = 1000 .. 1
 
-    The schedule `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N), mu=log(shift))`
-    builds for the FLUX and Qwen-Image pipelines. A shift per sample ([B]) gives [B, steps + 1].
+
+def sigma_schedule(
+    steps: int, shift: Tensor | float = 1.0, grid: str = "flux", terminal: float | None = None
+) -> Tensor:
+    """The sampling sigmas [steps + 1] of a diffusers flow-matching pipeline: shift(grid), stretched, then 0.
+
+    grid "flux": linspace(1, 1/N, N), what the FLUX and Qwen-Image pipelines pass to
+    `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=..., mu=log(shift))`. grid "sd3": the scheduler's
+    own grid, which the SD3 pipeline uses: linspace(1, sigma_min, N) with sigma_min = shift(1/1000), the
+    smallest sigma of its (already shifted) training table, shifted again with the rest. `terminal`: the
+    scheduler's `shift_terminal` (Qwen-Image: 0.02), 1 - sigma scaled so the last nonzero sigma equals it.
+    A shift per sample ([B]) gives [B, steps + 1].
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one sampling step")
-    base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float32)
+    if grid not in SIGMA_GRIDS:
+        raise ValueError(f"sampler grid={grid!r}: choose one of {', '.join(SIGMA_GRIDS)}")
     shift = torch.as_tensor(shift, dtype=torch.float32)
-    sigmas = time_shift(base, shift[..., None] if shift.ndim else shift)
+    shift = shift[..., None] if shift.ndim else shift
+    if grid == "flux":
+        base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float32)
+    else:
+        low = time_shift(torch.tensor(1.0 / SD3_TRAIN_STEPS), shift)
+        base = 1.0 + (low - 1.0) * torch.linspace(0.0, 1.0, steps, dtype=torch.float32)
+    sigmas = time_shift(base, shift)
+    if terminal is not None and steps > 1:  # one step is sigma 1 alone: nothing to stretch
+        one_minus = 1.0 - sigmas
+        sigmas = 1.0 - one_minus / (one_minus[..., -1:] / (1.0 - terminal))
     return torch.cat([sigmas, sigmas.new_zeros((*sigmas.shape[:-1], 1))], dim=-1)
 
 

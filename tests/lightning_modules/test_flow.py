@@ -86,6 +86,36 @@ def test_sigma_schedule_matches_diffusers_scheduler(shift):
     assert torch.allclose(sigma_schedule(steps, shift), static.sigmas, atol=1e-6)
 
 
+def test_sd3_grid_and_shift_terminal_by_hand():
+    # SD3 pipeline: the scheduler's own grid linspace(1, sigma_min, N), sigma_min = the shifted training minimum
+    # shift(1/1000) = 3 * 0.001 / (1 + 2 * 0.001) = 0.0029940; the grid is shifted again:
+    # [1, 0.0029940] -> [1, 3 * 0.0029940 / (1 + 2 * 0.0029940)] = [1, 0.0089286], then 0
+    assert sigma_schedule(2, 3.0, grid="sd3").tolist() == pytest.approx([1.0, 0.0089286, 0.0], abs=1e-6)
+    # Qwen-Image's shift_terminal: 1 - sigma stretched so the last nonzero sigma is the terminal:
+    # [1, 0.5] -> one_minus [0, 0.5], scale 0.5 / 0.98 -> [1, 1 - 0.98] = [1, 0.02], then 0
+    assert sigma_schedule(2, 1.0, terminal=0.02).tolist() == pytest.approx([1.0, 0.02, 0.0])
+    per_sample = sigma_schedule(2, torch.tensor([1.0, 3.0]), grid="sd3")
+    assert per_sample[1].tolist() == pytest.approx([1.0, 0.0089286, 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="grid='karras'"):
+        sigma_schedule(2, grid="karras")
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sd3_grid_matches_the_sd3_pipeline_scheduler(shift):
+    steps = 28
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(steps)  # what StableDiffusion3Pipeline does (no sigmas passed)
+    assert torch.allclose(sigma_schedule(steps, shift, grid="sd3"), sched.sigmas, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [1.0, math.exp(0.7)])
+def test_shift_terminal_matches_the_qwen_image_scheduler(shift):
+    steps = 8
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=0.02)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=math.log(shift))
+    assert torch.allclose(sigma_schedule(steps, shift, terminal=0.02), sched.sigmas, atol=1e-6)
+
+
 def test_euler_step_by_hand_and_against_scheduler():
     # x' = x + (sigma' - sigma) v = 1 + (0.25 - 0.5) * 2 = 0.5
     assert euler_step(torch.tensor([1.0]), torch.tensor([2.0]), 0.5, 0.25).item() == pytest.approx(0.5)

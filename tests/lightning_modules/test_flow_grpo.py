@@ -163,7 +163,9 @@ def test_window_stores_only_its_steps_and_runs_the_ode_before_it():
     steps, window = 6, [1, 2]
     r = rollout(model, steps=steps, train_steps=window, sde_steps=window)
     assert r.latents[0].shape[0] == 2 and r.next_latents[0].shape[0] == 2 and r.log_probs.shape == (4, 2)
-    sigmas = flow.sigma_schedule(steps, model.shift_for([16], model.sampler["shift"]))[0]
+    sigmas = model.sigmas(steps, [16])[0]
+    shift = model.shift_for([16], model.sampler["shift"])
+    assert torch.allclose(sigmas, flow.sigma_schedule(steps, shift, grid="sd3")[0])  # the SD3 pipeline's grid
     assert torch.allclose(r.sigmas[0], sigmas[1:3]) and torch.allclose(r.next_sigmas[0], sigmas[2:4])
     # step 0 is an Euler ODE step from the generator's initial noise
     x0 = torch.randn(16, SIDE // 2, SIDE // 2, generator=torch_generator(0, "test", 0))
