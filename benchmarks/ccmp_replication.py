@@ -102,7 +102,7 @@ def evaluate(
     model: CCMP, data_dir: Path, size: int, ttt: bool, eval_protocol: str = "egoexo4d"
 ) -> dict[str, float]:
     """Test metrics of `model` on the test shards in `data_dir` (with TTT if asked)."""
-    model.eval_protocol = eval_protocol
+    model.set_eval_protocol(eval_protocol)
     data = CorrespondenceDataModule(data_dir=str(data_dir), image_size=size, eval_batch_size=1, synth=False)
     callbacks = [TestTimeTraining(blocks=2, steps=2, lr=5e-5)] if ttt else []
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=callbacks)

@@ -183,9 +183,7 @@ class CCMP(L.LightningModule):
         self.aux_weight, self.cycle_weight = aux_weight, cycle_weight
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.stages: list[Stage] = list(stages or [])
-        if eval_protocol not in EVAL_PROTOCOLS:
-            raise ValueError(f"eval_protocol={eval_protocol!r}: choose one of {', '.join(EVAL_PROTOCOLS)}")
-        self.eval_protocol, self.submission, self.init_checkpoint = eval_protocol, submission, init_checkpoint
+        self.submission, self.init_checkpoint = submission, init_checkpoint
         self.attention_backend: str | None = None
         # built in configure_model()
         self.source_encoder: nn.Module | None = None
@@ -193,12 +191,20 @@ class CCMP(L.LightningModule):
         self.target_encoder: DINOv3ViTModel | None = None
         self.mask_head: nn.Module | None = None
         self.cls_head: nn.Module | None = None
+        self.set_eval_protocol(eval_protocol)
+        self._submission: list[tuple] = []  # SubmissionWriter.add arguments of this rank's predicted pairs
+
+    def set_eval_protocol(self, eval_protocol: str) -> None:
+        """Evaluate with "egoexo4d" (metrics per direction) or "handalx" (per-instance IoU) from now on."""
+        if eval_protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"eval_protocol={eval_protocol!r}: choose one of {', '.join(EVAL_PROTOCOLS)}")
+        self.eval_protocol = eval_protocol
         # {"val"|"test": {direction: CorrespondenceMetrics} or {"instances": HandalInstanceIoU}}
         groups = EVAL_DIRECTIONS if eval_protocol == "egoexo4d" else ("instances",)
         make = CorrespondenceMetrics if eval_protocol == "egoexo4d" else HandalInstanceIoU
-        self.metrics = nn.ModuleDict({s: nn.ModuleDict({g: make() for g in groups}) for s in ("val", "test")})
+        metrics = {s: nn.ModuleDict({g: make() for g in groups}) for s in ("val", "test")}
+        self.metrics = nn.ModuleDict(metrics).to(self.device)
         self._seen = {s: dict.fromkeys(groups, 0) for s in ("val", "test")}
-        self._submission: list[tuple] = []  # SubmissionWriter.add arguments of this rank's predicted pairs
 
     def configure_model(self) -> None:
         """Build (or load) the encoders and the heads; idempotent."""

@@ -411,5 +411,9 @@ def test_handalx_protocol_logs_instance_miou():
     loader = DataLoader(eval_samples(["exo-exo", "exo-exo", "ego-exo"]), batch_size=3)
     (results,) = trainer.test(tiny_ccmp(eval_protocol="handalx"), loader)
     assert results["test/iou"] == pytest.approx(results["test/instances/iou"])
+    switched = tiny_ccmp()  # trained under egoexo4d, tested per instance (the replication's Middlebury check)
+    switched.set_eval_protocol("handalx")
+    (again,) = trainer.test(switched, loader)
+    assert again["test/iou"] == pytest.approx(results["test/iou"])
     with pytest.raises(ValueError, match="eval_protocol"):
         CCMP(**TINY, eval_protocol="davis")
