@@ -30,7 +30,9 @@ as a hub tokenizer; built once, cached under `$OMNILAB_CACHE/tokenizers/<kind>-<
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -48,7 +50,7 @@ from lightning_modules.components.backbones import build_backbone
 from lightning_modules.components.packed_dit import TextConditioning
 
 TokenizerKind = Literal["clip", "t5", "qwen"]
-CORPUS_VERSION = 1  # bump when the corpus or a tokenizer recipe changes: cached tokenizers are rebuilt
+CORPUS_VERSION = 2  # bump when the corpus or a tokenizer recipe changes: cached tokenizers are rebuilt
 
 # --- the generated corpus ------------------------------------------------------------------------------
 
@@ -160,6 +162,58 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+def _bpe(words: dict[tuple[str, ...], int], n_merges: int) -> tuple[list[tuple[str, str]], dict]:
+    """`learn_bpe`, also returning the words as segmented after the last merge."""
+    words = dict(words)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: dict[tuple[str, str], int] = {}
+        for symbols, count in words.items():
+            for pair in itertools.pairwise(symbols):
+                pairs[pair] = pairs.get(pair, 0) + count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # most frequent; a tie: the smaller pair
+        merges.append(best)
+        merged: dict[tuple[str, ...], int] = {}
+        for symbols, count in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    return merges, words
+
+
+def learn_bpe(words: dict[tuple[str, ...], int], n_merges: int) -> list[tuple[str, str]]:
+    """BPE merges of words given as symbol tuples with counts: the most frequent pair first, ties to the smaller.
+
+    Deterministic, unlike the `tokenizers` trainers whose hash-map order changes the ids from one build to the
+    next (their CLIP-style BPE and Unigram trainers): every tiny model's text embedding depends on these ids.
+    """
+    return _bpe(words, n_merges)[0]
+
+
+def _word_counts(tok: Any, corpus: list[str], suffix: str = "") -> dict[tuple[str, ...], int]:
+    """The corpus as the tokenizer's normalizer and pre-tokenizer split it: {symbols: count}, `suffix` on the last."""
+    counts: dict[tuple[str, ...], int] = {}
+    for line in corpus:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line)):
+            symbols = (*word[:-1], word[-1] + suffix)
+            counts[symbols] = counts.get(symbols, 0) + 1
+    return counts
+
+
+def _alphabet(corpus: list[str]) -> list[str]:
+    """ASCII and any other character of the corpus, sorted."""
+    return sorted(set(ASCII) | set("".join(corpus)))
+
+
 def _clip_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFast:
     """CLIP-style: lower-cased word BPE with the "</w>" end-of-word suffix, wrapped in start/end tokens."""
     from tokenizers import (
@@ -170,7 +224,6 @@ def _clip_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFa
         normalizers,
         pre_tokenizers,
         processors,
-        trainers,
     )
 
     start, end = "<|startoftext|>", "<|endoftext|>"
@@ -180,14 +233,14 @@ def _clip_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFa
     )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[start, end],  # ids 0 and 1 (an eos id of 2 would switch CLIP to argmax pooling)
-        initial_alphabet=ASCII,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
+    # ids 0 and 1 for the specials (an eos id of 2 would switch CLIP to argmax pooling), then the characters
+    # with and without the end-of-word suffix, then the merges
+    alphabet = _alphabet(corpus)
+    base = [start, end, *alphabet, *(c + "</w>" for c in alphabet)]
+    merges = learn_bpe(_word_counts(tok, corpus, "</w>"), max(vocab_size - len(base), 0))
+    vocab = {token: i for i, token in enumerate([*base, *(a + b for a, b in merges)])}
+    tok.model = models.BPE(vocab=vocab, merges=merges, unk_token=end, end_of_word_suffix="</w>")
+    tok.add_special_tokens([start, end])
     ids = [(start, tok.token_to_id(start)), (end, tok.token_to_id(end))]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{start} $A {end}", pair=f"{start} $A {end} $B {end}", special_tokens=ids
@@ -212,21 +265,27 @@ def _t5_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFast
         normalizers,
         pre_tokenizers,
         processors,
-        trainers,
     )
 
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        initial_alphabet=ASCII,
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
+    # the pieces: characters, then BPE merges of the "▁word" pieces (learn_bpe, deterministic); each piece
+    # scored by its log frequency in the corpus as BPE segments it (unused characters just below the least used)
+    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+    alphabet = sorted(set(_alphabet(corpus)) | {"▁"})
+    merges, segmented = _bpe(_word_counts(tok, corpus), max(vocab_size - len(specials) - len(alphabet), 0))
+    freq: dict[str, int] = {}
+    for symbols, count in segmented.items():
+        for piece in symbols:
+            freq[piece] = freq.get(piece, 0) + count
+    total = sum(freq.values())
+    floor = math.log(1 / total) - 1.0
+    pieces = list(dict.fromkeys([*alphabet, *(a + b for a, b in merges)]))
+    scores = [(p, math.log(freq[p] / total) if p in freq else floor) for p in pieces]
+    tok.model = models.Unigram([(t, 0.0) for t in specials] + scores, unk_id=2, byte_fallback=False)
+    tok.add_special_tokens(specials)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )

@@ -16,6 +16,7 @@ from lightning_modules.components.text import (
     QWEN_EDIT_TEMPLATE,
     build_text_encoder,
     build_tokenizer,
+    learn_bpe,
     synthetic_corpus,
 )
 
@@ -112,14 +113,25 @@ def test_unknown_tokenizer_kind_is_refused(tmp_path):
         build_tokenizer("gpt2", out_dir=tmp_path)
 
 
-def test_tokenizer_build_is_deterministic(tmp_path):
-    a = build_tokenizer("qwen", 300, out_dir=tmp_path / "a")
-    b = build_tokenizer("qwen", 300, out_dir=tmp_path / "b")
+@pytest.mark.parametrize("kind", ["clip", "t5", "qwen"])
+def test_tokenizer_build_is_deterministic(kind, tmp_path):
+    # the tokenizers library's CLIP-style BPE and Unigram trainers are not (hash-map order): ids would
+    # change from one build to the next, and with them every tiny model's text embedding
+    a = build_tokenizer(kind, 300, out_dir=tmp_path / "a")
+    b = build_tokenizer(kind, 300, out_dir=tmp_path / "b")
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
         tmp_path / "b" / "tokenizer.json"
     ).read_bytes()
     assert a(PROMPTS).input_ids == b(PROMPTS).input_ids
     assert synthetic_corpus(50) == synthetic_corpus(50)
+
+
+def test_learn_bpe_merges_the_most_frequent_pair_first_ties_in_order():
+    # "ab" x3, "abc" x2, "bc" x1: pairs ab 5, bc 3 -> merge (a, b); then ab+c 2 vs b+c 1 -> (ab, c)
+    merges = learn_bpe({("a", "b"): 3, ("a", "b", "c"): 2, ("b", "c"): 1}, 2)
+    assert merges == [("a", "b"), ("ab", "c")]
+    # a tie (x y 1, y z 1) goes to the smaller pair: (x, y)
+    assert learn_bpe({("x", "y", "z"): 1}, 1) == [("x", "y")]
 
 
 def test_tokenizer_cache_is_reused_and_rebuilt_when_stale(tmp_path):
