@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks.common import record
 from callbacks.dual_task import DualTaskSchedule
 from callbacks.grpo import GRPORollouts
-from lightning_modules.flow_grpo import FlowGRPO
+from lightning_modules.flow_grpo import DEFAULT_LORA, FlowGRPO
 from omnilab.tracking import tracking_uri
 from rewards.base import Reward, to_rgb
 from rewards.scene import ColourCheck
@@ -64,21 +64,7 @@ MODEL = {
         "max_sequence_length": 16,
     },
 }  # fmt: skip
-LORA = {
-    "r": 8,
-    "lora_alpha": 16,
-    "init_lora_weights": "gaussian",
-    "target_modules": [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    ],
-}
+LORA = {**DEFAULT_LORA, "r": 8, "lora_alpha": 16}  # the Flow-GRPO targets, a smaller rank
 T2I = ["a red image", "paint it red", "red", "everything in red"]
 T2I_HELDOUT = ["the whole picture in red", "a canvas of red", "fill it with red", "red all over"]
 EDIT = ["make image 1 red", "turn image 1 red", "recolour image 1 in red", "image 1, but red"]
