@@ -20,6 +20,8 @@ from datamodules.webdataset import (
     TrainStream,
     decode_member,
     expand_shards,
+    iter_raw_samples,
+    iter_tar_members,
     write_index,
 )
 from tests.toy import ToyData, ToyModule, ToyTransform, toy_sample, write_toy_shards
@@ -212,3 +214,48 @@ def test_missing_index_needs_batches_per_epoch(tmp_path):
         ToyData(data_dir=str(tmp_path)).train_dataloader()
     write_index(tmp_path, splits={"train": {"samples": 40}})
     assert len(ToyData(data_dir=str(tmp_path), batch_size=4).train_dataloader()) == 10
+
+
+def _tar(path, members, fmt):
+    """Write (name, bytes | None for a directory) members with tarfile in format `fmt`."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("fmt", ["USTAR_FORMAT", "GNU_FORMAT", "PAX_FORMAT"])
+def test_tar_reader_reads_what_tarfile_writes(tmp_path, fmt):
+    deep = "d/" + "x" * 120 + "/sample1"  # a name past ustar's 100 bytes: prefix, GNU long name or pax path
+    members = [
+        ("dir", None),
+        ("sample0.JSON", b"{}"),
+        ("sample0.png", b"\x89PNG" * 200),
+        (f"{deep}.txt", b""),
+    ]
+    members.append(("__meta__.txt", b"skipped"))
+    path = tmp_path / "s.tar"
+    _tar(path, members, getattr(tarfile, fmt))
+    with open(path, "rb") as f:
+        got = list(iter_tar_members(f))
+    assert got == [(n, d) for n, d in members if d is not None]
+    samples = list(iter_raw_samples(str(path)))
+    assert [s["__key__"] for s in samples] == ["sample0", deep]
+    assert samples[0]["json"] == b"{}" and samples[1]["txt"] == b""  # extensions lower-cased
+
+
+def test_tar_reader_refuses_a_bad_checksum_a_truncation_and_a_repeated_member(tmp_path):
+    path = tmp_path / "s.tar"
+    _tar(path, [("a.txt", b"hello" * 300)], tarfile.USTAR_FORMAT)
+    raw = path.read_bytes()
+    for broken, why in [(raw[:10] + b"Z" + raw[11:], "checksum"), (raw[:900], "truncated")]:
+        with pytest.raises(tarfile.ReadError, match=why):
+            list(iter_tar_members(io.BytesIO(broken)))
+    _tar(path, [("a.txt", b"1"), ("a.TXT", b"2")], tarfile.USTAR_FORMAT)
+    with pytest.raises(ValueError, match=r"duplicate member \.txt"):
+        list(iter_raw_samples(str(path)))
