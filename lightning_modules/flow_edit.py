@@ -293,7 +293,10 @@ class FlowEdit(L.LightningModule):
         self.timesteps: Timesteps = {**TIMESTEP_DEFAULTS, **(timesteps or {})}
         self.sampler: Sampler = {**SAMPLER_DEFAULTS, **(sampler or {})}
         self.sampler["grid"] = self.sampler["grid"] or SIGMA_GRID[family]
-        flow.sigma_schedule(1, grid=self.sampler["grid"])  # checks the name now, not at the first sample
+        if self.sampler["grid"] not in flow.SIGMA_GRIDS:
+            raise ValueError(
+                f"sampler.grid={self.sampler['grid']!r}: choose one of {', '.join(flow.SIGMA_GRIDS)}"
+            )
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.lora, self.drop_text, self.attention = lora, drop_text, attention

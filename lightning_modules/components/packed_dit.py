@@ -72,6 +72,11 @@ class Packing(NamedTuple):
         return start, start + sizes[self.target_slot]
 
     @property
+    def layout(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """The grids as a hashable key (`PackedDiT._memo`)."""
+        return layout_key(self.grids)
+
+    @property
     def key_mask(self) -> Tensor | None:
         """`image_mask` for attention, None when no sample is padded (SDPA then runs its unmasked kernels)."""
         return self.image_mask if any(n != self.length for n in self.lengths) else None
@@ -80,6 +85,11 @@ class Packing(NamedTuple):
     def padding_fraction(self) -> float:
         """Padded image tokens / all image token slots (B·L)."""
         return 1.0 - sum(self.lengths) / (len(self.lengths) * self.length)  # host ints: no device sync
+
+
+def layout_key(grids: list[list[tuple[int, int]]]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per-sample (h, w) token grids as a hashable key: two batches with one key pack identically."""
+    return tuple(tuple(g) for g in grids)
 
 
 def plan_packing(
@@ -510,9 +520,8 @@ class PackedDiT(nn.Module):
         )
         images = [[t, *r] if self.target_first else [*r, t] for t, r in zip(target, refs)]
         grids = [[self._grid(x, i) for x in sample] for i, sample in enumerate(images)]
-        layout = tuple(tuple(g) for g in grids)
         packing = self._memo(
-            ("packing", layout, max_tokens, device),
+            ("packing", layout_key(grids), max_tokens, device),
             lambda: plan_packing(grids, self.target_first, max_tokens, device),
         )
         self.last_padding_fraction = packing.padding_fraction
@@ -543,7 +552,7 @@ class PackedDiT(nn.Module):
 
     def rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """The rotary embedding of a layout (the family's `_rotary`), memoised: (image, text) freqs or (cos, sin)."""
-        key = ("rotary", tuple(tuple(g) for g in packing.grids), packing.length, text_len, device)
+        key = ("rotary", packing.layout, packing.length, text_len, device)
         return self._memo(key, lambda: self._rotary(packing, text_len, device))
 
     def _rotary(self, packing: Packing, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:

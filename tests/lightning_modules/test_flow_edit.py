@@ -400,3 +400,7 @@ def test_init_is_cheap_and_checks_its_config():
         FlowEdit(**TINY["flux_kontext"], sampler={"stepz": 3})
     with pytest.raises(ValueError, match="float or 'resolution'"):
         FlowEdit(**TINY["flux_kontext"], timesteps={"shift": "resolutoin"})
+    with pytest.raises(ValueError, match=r"sampler\.grid='karras'"):
+        FlowEdit(**TINY["flux_kontext"], sampler={"grid": "karras"})
+    assert FlowEdit(**TINY["sd3_kontext"]).sampler["grid"] == "sd3"  # the family's pipeline grid
+    assert FlowEdit(**TINY["flux_kontext"]).sampler["grid"] == "flux"
