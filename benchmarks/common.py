@@ -60,13 +60,19 @@ def record(
     metrics: dict[str, float] | None = None,
 ) -> str:
     """Replace the `name` section of RESULTS.md with these rows (and log the metrics to MLflow)."""
+    from omnilab.tracking import git_sha
+
+    sha = git_sha()
     body = (
-        f"<!-- bench:{name} -->\n## {title}\n\n"
-        f"Measured {datetime.date.today().isoformat()} on {machine()} with `{command_line()}`.\n\n"
+        f"<!-- bench:{name} sha={sha} -->\n## {title}\n\n"
+        f"Measured {datetime.date.today().isoformat()} at commit {sha[:12]} on {machine()} "
+        f"with `{command_line()}`.\n\n"
         f"{table(rows)}\n\n{notes.strip()}\n<!-- /bench:{name} -->\n"
     )
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)}( sha=\S+)? -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S
+    )
     text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
     RESULTS.write_text(text)
     if metrics:

@@ -11,10 +11,10 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImage
 from transformers import AutoTokenizer
 
 from lightning_modules.components.packed_dit import TextConditioning
-from lightning_modules.components.text import (
+from lightning_modules.components.text import build_text_encoder
+from lightning_modules.components.tokenizers import (
     PICTURE_TEMPLATE,
     QWEN_EDIT_TEMPLATE,
-    build_text_encoder,
     build_tokenizer,
     learn_bpe,
     synthetic_corpus,
