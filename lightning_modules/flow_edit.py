@@ -42,6 +42,7 @@ from lightning_modules.components.backbones import build_backbone
 from lightning_modules.components.packed_dit import FluxKontext, PackedDiT, QwenImageEdit, SD3Kontext
 from lightning_modules.components.text import TextEncoder, build_text_encoder
 from omnilab.attention import apply_attention
+from omnilab.fsdp import is_sharded_state
 from omnilab.seeding import torch_generator
 
 Family = Literal["sd3_kontext", "qwen_image_edit", "flux_kontext"]
@@ -111,6 +112,14 @@ class LatentCodec(nn.Module):
             self.factor = 2 ** (len(cfg.block_out_channels) - 1)
             self.channels = cfg.latent_channels
             self.shift, self.scale = cfg.shift_factor or 0.0, cfg.scaling_factor
+
+    def forward(self, tensors: Sequence[Tensor], decode: bool = False) -> list[Tensor]:
+        """`encode(tensors)`, or `decode(tensors)` with `decode=True`.
+
+        The module's users call it as `codec(images)` / `codec(latents, decode=True)`: under FSDP the codec is
+        a unit of its own (omnilab.fsdp.BlockPolicy) whose weights are gathered only in its forward.
+        """
+        return self.decode(tensors) if decode else self.encode(tensors)
 
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor]) -> list[Tensor]:
@@ -372,8 +381,14 @@ class FlowEdit(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave out the frozen weights loaded from `pretrained` (they reload in configure_model)."""
+        """Leave out the frozen weights loaded from `pretrained` (they reload in configure_model).
+
+        Not from a sharded FSDP checkpoint: its loader reads every key the model has (torch.distributed
+        .checkpoint), so there the frozen weights stay in (one copy, written as shards like the rest).
+        """
         state = checkpoint.get("state_dict", {})
+        if is_sharded_state(state):
+            return
         for key in self._reloadable & state.keys():
             del state[key]
 
@@ -454,7 +469,7 @@ class FlowEdit(L.LightningModule):
         """VAE latents of the references (per sample) and the targets; equal shapes share one VAE call."""
         refs, targets = batch["refs"], batch["target"]
         flat = [r for sample in refs for r in sample] + list(targets)
-        latents = self.codec.encode(flat)
+        latents = self.codec(flat)
         out, i = [], 0
         for sample in refs:
             out.append(latents[i : i + len(sample)])
@@ -586,7 +601,7 @@ class FlowEdit(L.LightningModule):
             torch.randn(c, h // f, w // f, generator=g, device=getattr(g, "device", "cpu")).to(self.device)
             for (h, w), g in zip(sizes, generators)
         ]
-        ref_latents = [self.codec.encode(list(r)) if len(r) else [] for r in refs]
+        ref_latents = [self.codec(list(r)) if len(r) else [] for r in refs]
         ref_pixels = [list(r) for r in refs]
         text = self.text_encoder(list(instruction), ref_pixels)
         uncond = self.text_encoder([cfg_["negative_prompt"]] * n, ref_pixels) if guidance > 1 else None
@@ -605,7 +620,7 @@ class FlowEdit(L.LightningModule):
                 else:
                     v = [flow.cfg(a, b, guidance) for a, b in zip(v_u, v)]
             x = [step_fn(xi, vi.float(), s, s_next) for xi, vi, s, s_next in zip(x, v, sigma, sigma_next)]
-        return self.codec.decode(x)
+        return self.codec(x, decode=True)
 
     def _sizes(self, refs: Sequence[Sequence[Tensor]], size: Any, n: int) -> list[tuple[int, int]]:
         """One (H, W) per sample, checked to be a multiple of the pixels per token."""
