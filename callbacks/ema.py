@@ -76,7 +76,9 @@ class EMA(Callback):
         """Start the EMA from the current weights, unless a checkpoint restored it."""
         self._ema_and_params(pl_module)
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """In a sharded FSDP checkpoint, move this rank's EMA shards into the sharded model state (module doc)."""
         state = checkpoint.get("state_dict")
         if not self.ema or state is None or not is_sharded_state(state):
@@ -105,7 +107,8 @@ class EMA(Callback):
         if missing:
             raise KeyError(f"EMA state names parameters the module does not have: {missing[:5]}")
         templates = {
-            SHARD_KEY.format(rank=rank, name=n): torch.empty_like(params[n], dtype=torch.float32) for n in names
+            SHARD_KEY.format(rank=rank, name=n): torch.empty_like(params[n], dtype=torch.float32)
+            for n in names
         }
         dcp.load({"model": templates}, checkpoint_id=path)
         self.ema = {n: templates[SHARD_KEY.format(rank=rank, name=n)] for n in names}

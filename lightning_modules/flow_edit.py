@@ -42,7 +42,7 @@ from lightning_modules.components.backbones import build_backbone
 from lightning_modules.components.packed_dit import FluxKontext, PackedDiT, QwenImageEdit, SD3Kontext
 from lightning_modules.components.text import TextEncoder, build_text_encoder
 from omnilab.attention import apply_attention
-from omnilab.fsdp import is_sharded_state
+from omnilab.fsdp import clip_grad_norm, is_sharded_state
 from omnilab.seeding import torch_generator
 
 Family = Literal["sd3_kontext", "qwen_image_edit", "flux_kontext"]
@@ -232,9 +232,10 @@ class FlowEdit(L.LightningModule):
             (`components.text.build_text_encoder`).
         max_ref_tokens: SELF's fixed reference length in DiT tokens: budget B -> (B / pixels_per_token)²
             (B²/256 at the real models' 16 px per token; the tiny VAE /2 with patch 2 gives 4 px per token);
-            every packed sequence is padded to max_ref_tokens + the batch's largest target. "budget": the
-            length follows the budget of the batch (`ref_budget`, raised by the progressive schedule).
-            None: pad to the batch's longest sequence.
+            every packed sequence of a batch > 1 is padded to max_ref_tokens + the batch's largest target (a
+            batch of one is not padded). "budget": the length follows the data's resize rule at the batch's
+            budget (`ref_pixel_cap`, raised by the progressive schedule; `max_tokens`). None: pad to the
+            batch's longest sequence.
         timesteps: Training sigma distribution (`Timesteps`; defaults: logit-normal(0, 1), resolution
             shift on UniPic-3's line 256 -> 0.5, 8192 -> 0.9).
         lr: AdamW learning rate (UniPic-3 base stage 1e-4).
@@ -412,20 +413,36 @@ class FlowEdit(L.LightningModule):
         return (latent.shape[-2] // p) * (latent.shape[-1] // p)
 
     def max_tokens(self, target_tokens: Sequence[int], batch: dict[str, Any] | None = None) -> int | None:
-        """The packed length: max_ref_tokens + the largest target (SELF's fixed length), or None (longest).
+        """The packed length: max_ref_tokens + the largest target (SELF's fixed length), or None (no padding).
 
-        With max_ref_tokens "budget" the reference length follows the budget the batch's references
-        were resized under (`ref_budget`, which the progressive schedule raises): (B / pixels per token)².
+        The reference part agrees with the data's resize rule by construction: with max_ref_tokens "budget" it
+        is the most reference tokens the rule can give at the batch's budget (`ref_pixel_cap` // pixels per
+        token², `datamodules.budget.reference_capacity`: (B / pixels per token)² for the joint rule, following
+        the progressive schedule); an integer below that is refused with both numbers. A batch of one sample
+        has nothing to be aligned with and is not padded at all.
         """
         refs = self.max_ref_tokens
         if refs is None:
             return None
+        area = self.pixels_per_token**2
+        cap = None
+        if batch is not None and "ref_pixel_cap" in batch:
+            cap = int(max(batch["ref_pixel_cap"])) // area
+        elif batch is not None and "ref_budget" in batch:
+            cap = int(max(batch["ref_budget"])) ** 2 // area
         if refs == "budget":
-            if batch is None or "ref_budget" not in batch:
+            if cap is None:
                 raise ValueError(
-                    "max_ref_tokens='budget' needs batches with `ref_budget` (datamodules.multiref)"
+                    "max_ref_tokens='budget' needs batches with `ref_pixel_cap` or `ref_budget` (datamodules.multiref)"
                 )
-            refs = (int(max(batch["ref_budget"])) // self.pixels_per_token) ** 2
+            refs = cap
+        elif cap is not None and int(refs) < cap:
+            raise ValueError(
+                f"model.max_ref_tokens={refs} is below the {cap} reference tokens the data's resize rule can give at "
+                f"this batch's budget ({int(max(batch['ref_budget']))} px): set max_ref_tokens: budget (or >= {cap})"
+            )
+        if len(target_tokens) == 1:
+            return None
         return int(refs) + max(target_tokens)
 
     def sigmas(self, steps: int, target_tokens: Sequence[int]) -> Tensor:
@@ -651,6 +668,18 @@ class FlowEdit(L.LightningModule):
             optimizer, lambda step: lr_factor(step, self.warmup_steps, total, self.lr_schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping; norm clipping under FSDP through FSDP's own (Lightning's FSDP plugin refuses it)."""
+        norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if norm and clip_grad_norm(self.trainer, gradient_clip_val):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _keys(batch: dict[str, Any]) -> list[str]:

@@ -158,14 +158,30 @@ def run_in_root(trainer: Any, module: nn.Module, method: str, *args: Any, **kwar
     FSDP gathers a unit's sharded weights only in that unit's forward. A LightningModule's training, validation
     and predict steps already run inside the root unit's forward (Lightning redirects them through it); a
     method a callback calls directly (a GRPO rollout, a held-out sample) would see the root's weights sharded.
-    Under FSDP this redirects the call through the root's forward exactly as Lightning redirects a step (so it
-    also computes in the precision the steps use); elsewhere it is a plain call.
+    Under FSDP this redirects the call through the root's forward exactly as Lightning redirects a step, inside
+    the precision plugin's forward context (so it computes in the precision the steps use); elsewhere it is a
+    plain call.
     """
     strategy = getattr(trainer, "strategy", None)
     wrapped = getattr(strategy, "model", None)
     if wrapped is None or wrapped is module or not _is_fsdp(wrapped):
         return getattr(module, method)(*args, **kwargs)
-    return strategy._forward_redirection(wrapped, module, method, *args, **kwargs)
+    with strategy.precision_plugin.forward_context():
+        return strategy._forward_redirection(wrapped, module, method, *args, **kwargs)
+
+def clip_grad_norm(trainer: Any, max_norm: float) -> bool:
+    """Clip the gradients' global norm to `max_norm` with FSDP's own `clip_grad_norm_` (over all shards).
+
+    Lightning's FSDP precision plugin refuses norm clipping (`torch.nn.utils.clip_grad_norm_` on shards would
+    take each rank's own norm); a module calls this from `configure_gradient_clipping`. Returns False when the
+    model is not FSDP-wrapped (the caller clips as usual).
+    """
+    wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
+    if wrapped is None or not _is_fsdp(wrapped):
+        return False
+    wrapped.clip_grad_norm_(max_norm)
+    return True
+
 
 def _is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
