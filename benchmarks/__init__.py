@@ -15,4 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "uniref_replication": "UniRef mini-replication: progressive vs full pixel budget; composition PSNR at 1/3/6 refs",
     "grpo_throughput": "Flow-GRPO: rollout images/s, rollout vs update share, 2-step window vs all steps, reference memory",
     "grpo_replication": "Flow-GRPO / MSGRPO / PDTR mini-replication: reward rise, per-reference rules, stage order",
+    "fsdp_memory": "FSDP per block vs one unit on 2 CPU processes: peak memory per process, as ratios",
+    "gpu": "the packed DiTs at full size on one GPU: step time, peak memory, tokens/s, MFU; attention paths",
 }
+NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing

@@ -246,9 +246,17 @@ def _bench(argv: list[str]) -> None:
     )
     parser.add_argument("names", nargs="*", help="benchmark module names (default: all)")
     args, rest = parser.parse_known_args(argv)
-    from benchmarks import BENCHMARKS
+    from benchmarks import BENCHMARKS, NEEDS_CUDA
 
-    for name in args.names or list(BENCHMARKS):
+    names = args.names
+    if not names:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        names = [n for n in BENCHMARKS if cuda or n not in NEEDS_CUDA]
+        if not cuda:
+            print(f"skipped without CUDA: {', '.join(sorted(NEEDS_CUDA))}", flush=True)
+    for name in names:
         if name not in BENCHMARKS:
             parser.error(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
         print(f"== {name}", flush=True)

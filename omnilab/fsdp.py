@@ -85,8 +85,8 @@ class BlockPolicy(ModuleWrapPolicy):
     Args:
         blocks: Block families (`BLOCKS` keys: sd3, qwen_image, flux, qwen2_5_vl, t5, clip, dinov3); None: all.
         frozen_parts: Also make each entirely frozen direct child of the root (a VAE, a text encoder) a unit.
-        trainable_only: Select only blocks with a trainable parameter (the activation-checkpointing policy:
-            recomputing a frozen encoder run under no_grad saves nothing).
+        trainable_only: Select only blocks with a trainable parameter, no frozen parts (the activation-checkpointing
+            policy: recomputing a frozen encoder run under no_grad saves nothing).
     """
 
     def __init__(
@@ -104,7 +104,7 @@ class BlockPolicy(ModuleWrapPolicy):
         for module in root.modules():
             if isinstance(module, self.classes) and (not self.trainable_only or _has_trainable(module)):
                 units.append(module)
-        if self.frozen_parts and _has_trainable(root):
+        if self.frozen_parts and not self.trainable_only and _has_trainable(root):
             for child in root.children():
                 if any(True for _ in child.parameters()) and not _has_trainable(child):
                     units.append(child)
