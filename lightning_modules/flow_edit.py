@@ -659,14 +659,25 @@ class FlowEdit(L.LightningModule):
     # --- optimisation -----------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        """AdamW over the trainable parameters; linear warm-up, then constant or cosine, stepped per step."""
+        """AdamW over the trainable parameters; linear warm-up, then constant or cosine, stepped per step.
+
+        The cosine's total (`trainer.estimated_stepping_batches`) is read when the schedule first needs it, after
+        warm-up, not here: reading it builds the train loader, and under FSDP Lightning calls this hook before
+        it restores a checkpoint, so the data stream would restart its epoch (Lightning issue 20550).
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
-        total = int(total) if total is not None and math.isfinite(total) else None
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, self.warmup_steps, total, self.lr_schedule)
-        )
+        total: list[int | None] = []
+
+        def factor(step: int) -> float:
+            if step < max(self.warmup_steps, 1) or self.lr_schedule == "constant":
+                return lr_factor(step, self.warmup_steps, None, self.lr_schedule)  # needs no total
+            if not total:
+                steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+                total.append(int(steps) if steps is not None and math.isfinite(steps) else None)
+            return lr_factor(step, self.warmup_steps, total[0], self.lr_schedule)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(

@@ -65,6 +65,7 @@ BLOCKS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+
 def block_classes(families: Iterable[str]) -> tuple[type[nn.Module], ...]:
     """The block classes of the named families (`BLOCKS`); ValueError naming an unknown family."""
     classes: list[type[nn.Module]] = []
@@ -76,8 +77,10 @@ def block_classes(families: Iterable[str]) -> tuple[type[nn.Module], ...]:
             classes.append(getattr(importlib.import_module(module), name))
     return tuple(classes)
 
+
 def _has_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
 
 class BlockPolicy(ModuleWrapPolicy):
     """Wrap every transformer block of `blocks` (and each frozen part) in its own FSDP unit; see the module doc.
@@ -119,6 +122,7 @@ class BlockPolicy(ModuleWrapPolicy):
             check_uniform_dtypes(root_module, units)
         return {unit: dict(root_kwargs) for unit in units}
 
+
 def unit_parameters(root: nn.Module, units: Sequence[nn.Module]) -> dict[str, dict[str, nn.Parameter]]:
     """{unit path ("" = root): {parameter name: parameter}} of the parameters each unit flattens itself.
 
@@ -138,6 +142,7 @@ def unit_parameters(root: nn.Module, units: Sequence[nn.Module]) -> dict[str, di
     visit(root, "", "")
     return owners
 
+
 def check_uniform_dtypes(root: nn.Module, units: Sequence[nn.Module]) -> None:
     """ValueError naming the first unit whose own parameters have more than one dtype (FSDP cannot flatten it)."""
     for unit, params in unit_parameters(root, units).items():
@@ -151,6 +156,7 @@ def check_uniform_dtypes(root: nn.Module, units: Sequence[nn.Module]) -> None:
                 "Load its parts in one dtype (e.g. the backbone's `load: {dtype: ...}`), or name the block family "
                 "that holds the odd ones in the BlockPolicy's `blocks` so they become units of their own."
             )
+
 
 def run_in_root(trainer: Any, module: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
     """`getattr(module, method)(*args, **kwargs)`, run inside the strategy's wrapped model's forward under FSDP.
@@ -168,6 +174,7 @@ def run_in_root(trainer: Any, module: nn.Module, method: str, *args: Any, **kwar
         return getattr(module, method)(*args, **kwargs)
     with strategy.precision_plugin.forward_context():
         return strategy._forward_redirection(wrapped, module, method, *args, **kwargs)
+
 
 def clip_grad_norm(trainer: Any, max_norm: float) -> bool:
     """Clip the gradients' global norm to `max_norm` with FSDP's own `clip_grad_norm_` (over all shards).
@@ -187,6 +194,7 @@ def _is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return isinstance(model, FullyShardedDataParallel)
+
 
 def is_sharded_state(state: dict[str, Any]) -> bool:
     """Whether a state dict holds sharded tensors (an FSDP `state_dict_type: sharded` checkpoint)."""

@@ -66,7 +66,9 @@ def global_batch(lightning_args: list[str], nodes: int, devices: int) -> GlobalB
     while i < len(args):
         arg = args[i]
         if arg == "--config" and i + 1 < len(args):
-            path = Path(args[i + 1])  # (a path relative to another folder than this one is read by the job only)
+            path = Path(
+                args[i + 1]
+            )  # (a path relative to another folder than this one is read by the job only)
             doc = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
             data = ((doc.get("data") or {}).get("init_args")) or {}
             found["batch_size"] = data.get("batch_size", found["batch_size"])

@@ -170,7 +170,7 @@ def _fit(root: Path, data: Path, max_steps: int, ckpt: Path | None = None) -> li
         "max_steps": max_steps,
         "logger": {
             "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": str(root / "csv")},
+            "init_args": {"save_dir": str(csv_dir)},
         },
     }
     root.mkdir(parents=True, exist_ok=True)

@@ -271,6 +271,30 @@ def test_resolution_shift_uses_target_tokens():
     assert torch.allclose(model.shift_for([64], "resolution"), resolution_shift(torch.tensor([64.0])))
 
 
+def test_the_cosine_total_is_read_after_warm_up_not_when_the_optimizer_is_built():
+    """Reading estimated_stepping_batches builds the train loader; under FSDP that comes before a resume's restore."""
+
+    class Trainer:
+        reads = 0
+
+        @property
+        def estimated_stepping_batches(self):
+            Trainer.reads += 1
+            return 10
+
+    model = tiny(lr=1.0, warmup_steps=2, lr_schedule="cosine")
+    model._trainer = Trainer()
+    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert Trainer.reads == 0 and scheduler.get_last_lr() == [0.5]  # warm-up: (0 + 1) / 2
+    lrs = []
+    for _ in range(3):
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    # step 1: 2/2 = 1; step 2: cosine at progress 0 = 1; step 3: 0.5 (1 + cos(pi / 8)), total 10, warm-up 2
+    assert lrs == pytest.approx([1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 8))])
+    assert Trainer.reads == 1
+
+
 def test_self_fixed_length_pads_to_max_ref_tokens_plus_target():
     model = tiny(max_ref_tokens=128)
     model.trainer = L.Trainer(**QUIET)
