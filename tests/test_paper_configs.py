@@ -13,7 +13,7 @@ Mapped because the machine is a CPU (each mapping named where it is made, in `ov
 - `FSDPStrategy` -> tests.fsdp_cpu.CPUFSDPStrategy, same init_args (Lightning refuses FSDP without a GPU, wraps
   with a CUDA device id, and its FSDP precision plugin autocasts CUDA only);
 - precision 16-mixed -> bf16-mixed (Lightning has no fp16 autocast on CPU); bf16-mixed runs as it is;
-- data: the method's generated shards at the tiny experiment's geometry (budgets, sides, image size), keeping
+- data: the data module's generated shards (`synth_kind`) at the tiny experiment's geometry (budgets, sides, image size), keeping
   the paper's batch size and resize rule; pixel sizes in callbacks (budget milestones, rollout size) scaled alike;
 - RL: 2 trajectories per group, 1 prompt, 4 sampling steps, one rollout per optimizer step; the placeholder
   reward servers are replaced by local HTTP servers (rewards.remote) serving the suite's scene rewards;
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -105,12 +105,8 @@ def scale_of(path: Path) -> float:
 
 def write_init_checkpoint(path: Path, model: dict[str, Any], out: Path) -> str:
     """The earlier stage's result: its model (the experiment `defaults` names, else this one) on the stand-ins."""
-    import importlib
-
     earlier = next((p for p in reversed(chain_paths(path)[:-1]) if "_base" not in p.parts), path)
-    cls_path = class_path(earlier, "model")
-    module, _, name = cls_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = import_class(class_path(earlier, "model"))
     shared = {
         k: v for k, v in model.items() if k == "image_size" or (isinstance(v, dict) and v.get("pretrained"))
     }
@@ -167,8 +163,7 @@ def overrides(path: Path, root: Path, data_dirs: DataDirs) -> tuple[dict[str, An
     data_cls = class_path(path, "data")
     data = {**init_args(path, "data")}
     data.update({k: v for k, v in init_args(tiny_experiment(path), "data").items() if k not in KEEP_DATA})
-    kind = data_cls.rsplit(".", 1)[-1]
-    data.update(data_dir=str(data_dirs[kind]), synth=False, num_workers=0)
+    data.update(data_dir=str(data_dirs[data_cls]), synth=False, num_workers=0)
     scale = scale_of(path)
     trainer = trainer_args(path)
     rl = bool(callback_args(path, "GRPORollouts"))
@@ -223,12 +218,7 @@ def overrides(path: Path, root: Path, data_dirs: DataDirs) -> tuple[dict[str, An
 
 
 class DataDirs(dict):
-    """Generated shards of a data kind, written on first use (once per test module)."""
-
-    KINDS: ClassVar[dict[str, str]] = {
-        "MultiRefDataModule": "multiref",
-        "CorrespondenceDataModule": "correspondence",
-    }
+    """Generated shards of each data module's kind (its `synth_kind`), written on first use, once per module."""
 
     def __init__(self, root: Path) -> None:
         super().__init__()
@@ -237,12 +227,20 @@ class DataDirs(dict):
     def __missing__(self, datamodule: str) -> Path:
         from datamodules.synth import synthesize
 
-        if datamodule not in self.KINDS:
-            pytest.fail(f"no generated shards for {datamodule}: add its synth kind to DataDirs.KINDS")
-        kind = self.KINDS[datamodule]
+        kind = getattr(import_class(datamodule), "synth_kind", None)
+        if kind is None:
+            pytest.fail(f"{datamodule} has no `synth_kind`: the paper-config test cannot generate its shards")
         index = synthesize(kind, self.root / kind, samples={"train": 24, "val": 4, "test": 4}, seed=0)
         self[datamodule] = index.parent
         return index.parent
+
+
+def import_class(path: str) -> type:
+    """The class a dotted class path names."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +255,8 @@ def data_dirs(tmp_path_factory) -> DataDirs:
     ids=experiment_id,
 )
 def test_paper_config(path, tmp_path, data_dirs):
+    if getattr(import_class(class_path(path, "model")), "test_only", False):
+        pytest.skip("a benchmark runner (`test_only`): nothing to train; its own tests run it")
     urls: dict[str, str] = {m.group(0): "" for m in PLACEHOLDER.finditer(path.read_text())}
     for parent in chain_paths(path):
         urls |= {m.group(0): "" for m in PLACEHOLDER.finditer(parent.read_text())}

@@ -203,14 +203,18 @@ def test_tokens_count_16_px_patches():
 
 
 def _multiref_experiments():
+    """The experiments whose data is a multiref kind (MultiRefDataModule or a subclass) packed by max_ref_tokens."""
+    import importlib
+
+    from datamodules.multiref import MultiRefDataModule
     from tests.configs import EXPERIMENTS, class_path, init_args
 
-    return [
-        p
-        for p in EXPERIMENTS
-        if str(class_path(p, "data")).endswith("MultiRefDataModule")
-        and init_args(p, "model").get("max_ref_tokens") is not None
-    ]
+    def multiref(path) -> bool:
+        module, _, name = str(class_path(path, "data")).rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+        return isinstance(cls, type) and issubclass(cls, MultiRefDataModule)
+
+    return [p for p in EXPERIMENTS if multiref(p) and init_args(p, "model").get("max_ref_tokens") is not None]
 
 
 def _pixels_per_token(model_args: dict) -> int:
