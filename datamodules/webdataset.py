@@ -1,4 +1,4 @@
-"""The WebDataset base DataModule: deterministic, resumable, DDP-safe shard streams (DESIGN.md "Data").
+"""The WebDataset base DataModule: deterministic, resumable, DDP-safe shard streams (README "Data").
 
 Shards are tar files in the WebDataset layout: members `<key>.<ext>`, grouped by key. A data kind
 subclasses `WebDataModule`, lists its `required` members, and supplies a picklable `transform(train)`
@@ -38,6 +38,7 @@ import os
 import re
 import tarfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -629,7 +630,7 @@ def _watch_parent(parent: int) -> None:
     while True:
         if os.getppid() != parent:
             os._exit(1)
-        threading.Event().wait(0.5)
+        time.sleep(0.5)
 
 
 def exit_with_parent() -> None:

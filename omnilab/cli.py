@@ -7,7 +7,7 @@
 - `omnilab bench [name ...]`: the benchmark scripts under benchmarks/.
 - `omnilab slurm --nodes N --gpus G [--dry-run] -- fit --config ...`: an sbatch script running srun.
 
-DESIGN.md "Configs": subclass mode for model and data, omegaconf parser mode, allowlisted class paths,
+README "Running an experiment": subclass mode for model and data, omegaconf parser mode, allowlisted class paths,
 the resolved config saved (overwriting) and logged, seed 0 unless set, the run named from the
 experiment path (experiments/<method>/<name>.yaml -> MLflow experiment <method>, run <name>).
 """

@@ -1,6 +1,6 @@
 """Build a transformers or diffusers model from `pretrained: <hub id or dir>` or `config: {...}`.
 
-DESIGN.md "Configs": a backbone is passed as data, either real weights (`from_pretrained`) or a config
+README "Running an experiment": a backbone is passed as data, either real weights (`from_pretrained`) or a config
 dict for a random-init model (the tiny experiments). This is the one place that turns such a dict
 into a model, so every method reads its backbones the same way, and the one place that checks them:
 a spec key or a config key the library does not know (`pretraind`, `num_hiden_layers`) is an error

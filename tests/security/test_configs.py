@@ -196,9 +196,10 @@ def test_an_interpolated_class_path_is_checked_like_a_written_one(in_tmp, capsys
     monkeypatch.setenv("EVIL_CLASS", "builtins.open")
     exp = toy_experiment(in_tmp)
     attack = in_tmp / "attack.yaml"
-    attack.write_text(
-        "trainer:\n  callbacks:\n    - class_path: ${oc.env:EVIL_CLASS}\n"
-        f"      init_args: {{file: {marker}, mode: w}}\n"
+    attack.write_text(  # in an `Any` argument, where a class spec used to be built
+        "trainer:\n  callbacks:\n    - class_path: tests.security.test_configs.Holder\n"
+        "      init_args:\n        anything:\n          class_path: ${oc.env:EVIL_CLASS}\n"
+        f"          init_args: {{file: {marker}, mode: w}}\n"
     )
     err = refused(["--config", str(exp), "--config", str(attack)], capsys)
     assert "builtins" in err and not marker.exists()
@@ -316,3 +317,23 @@ def test_fit_through_main_still_works_with_the_guard(in_tmp):
     guard_imports()
     exp = toy_experiment(in_tmp)
     main(["fit", "--config", str(exp), "--trainer.max_steps=1", "--test_after_fit=false"])
+
+
+def test_type_values_callables_and_short_names_resolve_through_the_allowlist(in_tmp):
+    from collections.abc import Callable
+
+    from jsonargparse import ArgumentParser
+
+    guard_imports()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--kind", type=type)
+    parser.add_argument("--fn", type=Callable | None)
+    assert parser.parse_args(["--kind=builtins.int"]).kind is int
+    for bad in ("--kind=subprocess.Popen", "--kind=os.PathLike", "--fn=os.system", "--fn=builtins.eval"):
+        with pytest.raises(Exception, match=r"refused|outside the allowlist|not allowed"):
+            parser.parse_args([bad])
+    exp = toy_experiment(in_tmp)
+    cli = OmnilabCLI(
+        args=["--config", str(exp), "--optimizer=AdamW"], run=False
+    )  # a short name: found, allowed
+    assert cli.config_init["optimizer"]["class_path"] == "torch.optim.AdamW"
