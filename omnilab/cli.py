@@ -37,7 +37,6 @@ from callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint, check_writab
 from callbacks.health import RunHealth
 from omnilab.allowlist import RefusedImport, check_config, guard_imports, safe_resolvers
 from omnilab.tracking import (
-    DEFAULT_TRACKING_URI,
     checkpoint_run_id,
     compare_runs,
     continue_run,
@@ -189,7 +188,9 @@ class OmnilabCLI(LightningCLI):
     @staticmethod
     def _track(init: Any, ckpt_path: str | None) -> None:
         """Open the MLflow store (plain error if it cannot be), continue a resumed fit's run, mark dead runs KILLED."""
-        uri = init.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        # as MLFlowLogger resolves it: the argument, else $MLFLOW_TRACKING_URI, else a file store in save_dir
+        uri = init.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = uri or f"file:{init.get('save_dir') or './mlruns'}"
         client = open_store(uri)
         run_id = init.get("run_id")
         if run_id is None and ckpt_path and Path(ckpt_path).is_file():
