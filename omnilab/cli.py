@@ -157,7 +157,8 @@ class OmnilabCLI(LightningCLI):
         if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") is None:
             cfg.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         ckpt_path = cfg.get("ckpt_path")
-        local_ckpt = ckpt_path and ckpt_path not in CKPT_KEYWORDS and "://" not in str(ckpt_path)
+        keyword = str(ckpt_path).split(":", 1)[0] in CKPT_KEYWORDS  # "last", "registry:<model>", ...
+        local_ckpt = ckpt_path and not keyword and "://" not in str(ckpt_path)
         if local_ckpt and not Path(ckpt_path).is_file():
             self.parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file; nothing was started")
         checkpoints = self.subcommand in (None, "fit") and cfg.get("checkpoint") is not None

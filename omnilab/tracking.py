@@ -30,7 +30,7 @@ os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 EXPERIMENTS_DIR = "experiments"
-HOST_TAG, PID_TAG, RESUMES_TAG = "omnilab.host", "omnilab.pid", "omnilab.resumes"
+PROCESS_TAG, RESUMES_TAG = "omnilab.process", "omnilab.resumes"  # process: "<pid>@<host>" (never a number)
 CHECKPOINT_KEY = "mlflow"  # checkpoint["mlflow"] = {"run_id", "tracking_uri"}
 
 
@@ -120,9 +120,8 @@ def settle_killed_runs(client: Any, experiment: str, run_name: str, keep: str | 
     )
     killed = []
     for run in runs:
-        tags = run.data.tags
-        pid = tags.get(PID_TAG, "")
-        if run.info.run_id == keep or tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
+        pid, _, host = run.data.tags.get(PROCESS_TAG, "").partition("@")
+        if run.info.run_id == keep or host != socket.gethostname() or not pid.isdigit():
             continue
         if not _alive(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
@@ -131,8 +130,8 @@ def settle_killed_runs(client: Any, experiment: str, run_name: str, keep: str | 
 
 
 def process_tags() -> dict[str, str]:
-    """The tags that let a later fit tell whether a RUNNING run's process is still alive."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    """The tag that lets a later fit tell whether a RUNNING run's process is still alive."""
+    return {PROCESS_TAG: f"{os.getpid()}@{socket.gethostname()}"}
 
 
 def continue_run(client: Any, run_id: str) -> None:

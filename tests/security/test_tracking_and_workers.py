@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from omnilab.cli import main
-from omnilab.tracking import PID_TAG, StoreError, open_store, store_lock
+from omnilab.tracking import PROCESS_TAG, StoreError, open_store, store_lock
 from tests.test_cli import toy_experiment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def test_a_resumed_fit_continues_its_run_and_a_dead_run_is_marked_killed(in_tmp)
     (run,) = client.search_runs([experiment])
     # what a kill -9 leaves behind: RUNNING, owned by a process that is gone
     client.update_run(run.info.run_id, status="RUNNING")
-    client.set_tag(run.info.run_id, PID_TAG, str(dead_pid()))
+    client.set_tag(run.info.run_id, PROCESS_TAG, f"{dead_pid()}@{socket.gethostname()}")
     main([*args, "--ckpt_path", "runs/toy/tiny/checkpoints/last.ckpt"])
     (resumed,) = client.search_runs([experiment])  # the same run, continued
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
@@ -118,7 +119,7 @@ def test_a_resumed_fit_continues_its_run_and_a_dead_run_is_marked_killed(in_tmp)
 
     # a later fresh fit of the same name: a RUNNING run of a dead process is marked KILLED
     client.update_run(run.info.run_id, status="RUNNING")
-    client.set_tag(run.info.run_id, PID_TAG, str(dead_pid()))
+    client.set_tag(run.info.run_id, PROCESS_TAG, f"{dead_pid()}@{socket.gethostname()}")
     main(args)
     runs = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
     assert runs.pop(run.info.run_id) == "KILLED" and list(runs.values()) == ["FINISHED"]
