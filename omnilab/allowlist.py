@@ -1,23 +1,24 @@
-"""Configs are code: what a config may build is named here, and everything else is refused (README "Security").
+"""Configs are code: what a config may build is named here, everything else is refused (README "Security and
+reliability").
 
-A config names Python objects by dotted path (`class_path: ...`, a class given as a value, a type string).
-jsonargparse resolves every such path through one function, `import_object`; `guard_imports()` routes it
-through this allowlist, twice:
+A config names Python objects by dotted path (`class_path: ...`, a class given as a value, a type string, a
+short class name jsonargparse resolves). jsonargparse imports every such path through one function,
+`import_object`; `guard_imports()` routes it through this allowlist, twice:
 
-- before anything is imported, the *name* must lie in a named family (`FAMILIES`) and contain no denied
-  entry (`DENIED`: builtins, os, subprocess, importlib, pickle, functools, operator, torch.hub, torch.load,
-  ...), nor a private (`_x`) part, so a module with an import side effect named in a config never runs;
-- after import, before use, the *object* must be a class of that family defined where the family lives, so
-  a re-export (`lightning.pytorch.loggers.mlflow.os.system`, `torch.optim.adamw.torch.load`) or a function
-  in an allowed package (`transformers.pipeline`) is refused too.
+- before anything is imported, the *name* must lie in a named family (`FAMILIES`), under no `DENIED` entry
+  (builtins, os, subprocess, importlib, pickle, functools, operator, torch.hub, torch.load, ...) and with no
+  private (`_x`) part, so a module with an import side effect named in a config never runs;
+- after import, before use, the *object* must be a class of that family, defined where the family lives, so
+  a re-export (`lightning.pytorch.loggers.mlflow.os.system` is `posix.system`) or a function in an allowed
+  package (`transformers.pipeline`) is refused too.
 
-Beyond `import_object`: values typed `Any` (and `dict[str, Any]`) are never instantiated by jsonargparse
-(a class spec there stays data, validated against this allowlist), `OmnilabCLI` walks the parsed config
-and checks every `class_path` at any depth (lists, dict values, `dict_kwargs`, callbacks, loggers,
-optimizers, schedulers), and while a config is read only omegaconf's own resolvers (`oc.env`, `oc.select`,
-...; none of them evaluates code) may be interpolated. Type hints are resolved from code, not from a
-config, and are not affected. A user extends the allowlist explicitly with
-`OMNILAB_ALLOW_IMPORTS=pkg1,pkg2.sub` (any class or function under them; never a denied entry).
+Beyond `import_object`: values typed `Any` (and `dict[str, Any]`) are never instantiated by jsonargparse and
+reach the code as plain dicts; `check_config` (run by `OmnilabCLI` before anything is built) checks every
+`class_path` of the parsed config at any depth (lists, dict values, `dict_kwargs`, callbacks, loggers,
+optimizers, schedulers, hyperparameters read from a checkpoint); and while a config is read only omegaconf's
+own resolvers (`oc.env`, `oc.select`, ...; none of them evaluates code) can be interpolated. Type hints are
+resolved from code, not from a config, and are not affected. A user extends the allowlist explicitly with
+`OMNILAB_ALLOW_IMPORTS=pkg1,pkg2.sub` (any class or function under them; never a DENIED entry).
 """
 
 from __future__ import annotations
@@ -236,11 +237,6 @@ def check_import_path(path: str) -> Any:
     obj = _resolve(path.strip())
     check_object(path, obj, family)
     return obj
-
-
-def import_allowed(path: str) -> Any:
-    """The object an allowlisted dotted path names (`check_import_path`, for code that builds from config data)."""
-    return check_import_path(path)
 
 
 def class_paths(value: Any, where: str = "") -> Iterator[tuple[str, str]]:

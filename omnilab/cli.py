@@ -196,13 +196,14 @@ class OmnilabCLI(LightningCLI):
         run_id = init.get("run_id")
         if run_id is None and ckpt_path and Path(ckpt_path).is_file():
             run_id = checkpoint_run_id(ckpt_path, uri)
-            try:
-                client.get_run(run_id) if run_id else None
-            except Exception:
-                run_id = None
-            if run_id:
-                init.run_id = run_id
-                continue_run(client, run_id)
+            if run_id is not None:
+                from mlflow.exceptions import MlflowException
+
+                try:
+                    continue_run(client, run_id)
+                    init.run_id = run_id
+                except MlflowException:  # the run was deleted from the store: a new run, then
+                    run_id = None
         settle_killed_runs(client, init.experiment_name, init.run_name, keep=run_id)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
