@@ -124,7 +124,9 @@ def face_score(similarity: float, version: str = CURRENT_VERSION, human_centric:
     1 at or above 0.50 for Human-Centric cases and 0.45 otherwise.
     """
     if VERSIONS[check_version(version)]["faces"] == "binary":
-        return 1.0 if similarity >= (FACE_THRESHOLD_HUMAN_CENTRIC if human_centric else FACE_THRESHOLD) else 0.0
+        return (
+            1.0 if similarity >= (FACE_THRESHOLD_HUMAN_CENTRIC if human_centric else FACE_THRESHOLD) else 0.0
+        )
     for bound, score in FACE_GRADES:
         if similarity >= bound:
             return score

@@ -66,7 +66,9 @@ def encode_image(image: Any, max_side: int | None = None, fmt: str = "png") -> s
     elif isinstance(image, np.ndarray):
         pil = Image.fromarray(image.astype(np.uint8))
     else:  # a torch tensor in [-1, 1]
-        array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        array = (
+            ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        )
         pil = Image.fromarray(array)
     if max_side is not None and max(pil.size) > max_side:
         scale = max_side / max(pil.size)
@@ -142,7 +144,9 @@ class ChatResult:
 
 def request_key(url: str, body: dict[str, Any]) -> str:
     """SHA-256 of the URL and the full request body, canonically serialised (sorted keys, no spaces)."""
-    canonical = json.dumps({"url": url, "body": body}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(
+        {"url": url, "body": body}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -286,6 +290,11 @@ class ChatClient:
         self._slots = threading.BoundedSemaphore(self.concurrency)
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "calls": 0, "cache_hits": 0, "failures": 0, "retries": 0}
+
+    @property
+    def model_id(self) -> str:
+        """The model name recorded with results."""
+        return self.model
 
     def body(self, messages: list[Message]) -> dict[str, Any]:
         """The request body of `messages` (model, temperature, max_tokens and extra_body added)."""

@@ -38,7 +38,9 @@ def completion(text: str, model: str = "scripted") -> bytes:
             "id": "chatcmpl-test",
             "object": "chat.completion",
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
         }
     ).encode()
 

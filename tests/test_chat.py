@@ -67,7 +67,7 @@ def test_a_malformed_answer_is_a_bad_response_not_a_crash():
 
 def test_a_slow_server_times_out_within_the_deadline():
     with ChatServer(lambda body, n: Reply("late", delay=3.0)) as server:
-        with pytest.raises(ChatError, match="no answer within 0.3 s") as err:
+        with pytest.raises(ChatError, match=r"no answer within 0\.3 s") as err:
             client(server, timeout=0.3, retries=1).complete([user_message("hi")])
         assert err.value.kind == "timeout"
 
@@ -84,7 +84,9 @@ def test_a_refused_connection_is_a_connection_error():
 
 def test_the_cache_answers_a_repeated_request_without_calling(tmp_path):
     with ChatServer(lambda body, n: Reply(f"answer {n}")) as server:
-        first = client(server, cache_dir=tmp_path / "cache").complete([user_message("q", [torch.zeros(3, 4, 4)])])
+        first = client(server, cache_dir=tmp_path / "cache").complete(
+            [user_message("q", [torch.zeros(3, 4, 4)])]
+        )
         again = client(server, cache_dir=tmp_path / "cache")
         second = again.complete([user_message("q", [torch.zeros(3, 4, 4)])])
         assert (first.text, second.text, second.cached) == ("answer 1", "answer 1", True)
