@@ -27,6 +27,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -307,6 +308,10 @@ class EditScorer:
     ) -> None:
         self.judge, self.max_side, self.resize = judge, max_side, resize_output_to_source
 
+    def judge_for(self, request: int) -> Judge:
+        """The judge of a case's request number `request` (one judge for all)."""
+        return self.judge
+
     def requests(self, case: Case) -> list[list[Message]]:
         """[SC conversation, PQ conversation] of one case."""
         source, output = case.sources[0], case.output
@@ -335,13 +340,15 @@ class WeightedRefScorer:
     """MICo's Weighted-Ref-VIEScore: SC and PQ from the judge, W from faces (human sources) and yes/no (others).
 
     Args:
-        judge: The judge of SC, PQ and the yes/no element checks (`Judge`).
+        judge: The judge of SC and PQ (`Judge`); MICo-Bench uses gpt-5.4.
         faces: (human source images, output) -> the best ArcFace cosine of each source in the output
             (`rewards.faces.FaceMatcher`); needed when a case has human sources and `weight` is "official".
         version: The Weighted-Ref-VIEScore definition (`metrics.viescore.VERSIONS`; default the current one).
         weight: "official" (faces + yes/no), "vlm" (yes/no for every source, faces included) or "one"
             (W = 1, eval_score.py's --weight_all_one).
         max_side: Images are downscaled to this longer side before they are sent (None: as they are).
+        element_judge: The judge of the yes/no element checks (MICo-Bench's `compute_weights.py` uses a local
+            Qwen3-VL-30B-A3B); None: `judge`.
     """
 
     names = ("weight", "sc", "pq", "final")
@@ -353,11 +360,16 @@ class WeightedRefScorer:
         version: str = CURRENT_VERSION,
         weight: str = "official",
         max_side: int | None = 1024,
+        element_judge: Judge | None = None,
     ) -> None:
         if weight not in ("official", "vlm", "one"):
             raise ValueError(f"weight {weight!r}: choose official, vlm or one")
         self.judge, self.faces, self.version = judge, faces, check_version(version)
-        self.weight, self.max_side = weight, max_side
+        self.weight, self.max_side, self.element_judge = weight, max_side, element_judge or judge
+
+    def judge_for(self, request: int) -> Judge:
+        """Requests 0 and 1 (SC, PQ) go to `judge`, the yes/no checks to `element_judge`."""
+        return self.judge if request < 2 else self.element_judge
 
     def _elements(self, case: Case) -> list[int]:
         """The sources checked by the VLM's yes/no (all but the human ones, unless weight is "vlm")."""
@@ -431,21 +443,32 @@ class WeightedRefScorer:
 
 
 def _score_cases(scorer: EditScorer | WeightedRefScorer, cases: Sequence[Case]) -> list[dict[str, Any]]:
-    """Every request of every case in one `complete_many` call (so the judge runs them concurrently)."""
+    """Every request of every case, sent to its judge in one `complete_many` call per judge (so each judge
+    answers them concurrently; two judges run side by side)."""
     records: list[dict[str, Any] | None] = [None] * len(cases)
-    spans: list[tuple[int, int, int]] = []
-    flat: list[list[Message]] = []
+    spans: list[tuple[int, list[tuple[int, int]]]] = []
+    queues: dict[int, tuple[Judge, list[list[Message]]]] = {}
     for k, case in enumerate(cases):
         missing = _missing(case, scorer)
         if missing:
             records[k] = {"status": "missing_image", "error": missing}
             continue
-        requests = scorer.requests(case)
-        spans.append((k, len(flat), len(requests)))
-        flat.extend(requests)
-    results = scorer.judge.complete_many(flat) if flat else []
-    for k, start, n in spans:
-        records[k] = scorer.finish(cases[k], results[start : start + n])
+        slots = []
+        for j, messages in enumerate(scorer.requests(case)):
+            judge = scorer.judge_for(j)
+            queue = queues.setdefault(id(judge), (judge, []))[1]
+            slots.append((id(judge), len(queue)))
+            queue.append(messages)
+        spans.append((k, slots))
+    answers: dict[int, list[ChatResult | ChatError]] = {}
+    if len(queues) > 1:
+        with ThreadPoolExecutor(max_workers=len(queues)) as pool:
+            futures = {key: pool.submit(judge.complete_many, queue) for key, (judge, queue) in queues.items()}
+            answers = {key: future.result() for key, future in futures.items()}
+    else:
+        answers = {key: judge.complete_many(queue) for key, (judge, queue) in queues.items()}
+    for k, slots in spans:
+        records[k] = scorer.finish(cases[k], [answers[key][i] for key, i in slots])
     return records  # type: ignore[return-value]
 
 
