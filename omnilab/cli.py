@@ -78,6 +78,17 @@ def expand_defaults(argv: list[str]) -> list[str]:
     return out
 
 
+def _allowed(class_path: str) -> bool:
+    """Whether a config's class path is allowlisted (checked before anything is imported)."""
+    from omnilab.allowlist import RefusedImport, check_import_path
+
+    try:
+        check_import_path(class_path)
+    except RefusedImport:
+        return False
+    return True
+
+
 class OmnilabCLI(LightningCLI):
     """LightningCLI with the suite's defaults: tracking, checkpoint layout, health checks, test after fit."""
 
@@ -113,6 +124,18 @@ class OmnilabCLI(LightningCLI):
             default=None,
             help="Fragments (under experiments/) this builds on.",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model config by a `--ckpt_path` checkpoint's hyperparameters; a test-only model
+        (a benchmark runner, `test_only = True`) keeps its own config and reads the checkpoint itself."""
+        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        model = cfg.get("model") if hasattr(cfg, "get") else None
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        if isinstance(class_path, str) and "." in class_path and _allowed(class_path):
+            module, _, name = class_path.rpartition(".")
+            if getattr(getattr(importlib.import_module(module), name, None), "test_only", False):
+                return
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         """Name the run from the experiment path and place its checkpoints and config under runs/."""
