@@ -1,6 +1,6 @@
 """MICo's multi-image composition data: the seven task categories and De&Re, as a multiref data kind.
 
-MICo (ABSTRACTS.md §8) sorts multi-image composition into seven tasks, 100 benchmark cases each before
+MICo (docs/methods/mico.md) sorts multi-image composition into seven tasks, 100 benchmark cases each before
 filtering, plus Decomposition-and-Recomposition (De&Re). Their names are not in the released files; they
 follow from the `editing_type` counts of MICo-Bench's JSONL (docs/methods/mico.md):
 

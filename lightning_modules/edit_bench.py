@@ -8,7 +8,7 @@ batch's requests at once, `judge.concurrency` in flight) and writes one JSON per
 next batch overlaps the judging. At the end it aggregates (metrics/viescore.py `GroupedScores`), logs the
 means, writes `summary.json` and `summary.md`, and logs them and a sample grid per group to MLflow.
 
-- MICo-Bench (`metric: weighted_ref`, MICo ABSTRACTS.md §8): per task file and per category the mean of
+- MICo-Bench (`metric: weighted_ref`, docs/methods/mico.md): per task file and per category the mean of
   the cases' final scores; "cases" = the mean over all cases (the paper's overall); the version of the
   Weighted-Ref-VIEScore definition is recorded in every case and the summary.
 - GEdit-Bench (`metric: viescore`): per language and task group the means of SC, PQ, O; "groups" = the mean

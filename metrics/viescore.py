@@ -9,7 +9,7 @@ its "tie" prompts): a multimodal judge rates semantic consistency (SC) and perce
 For editing the SC list is [editing success, over-editing]; for text-to-image [prompt following]. GEdit-Bench
 reports G_SC, G_PQ, G_O as the mean over its 11 task groups of each group's per-case mean.
 
-Weighted-Ref-VIEScore (MICo, ABSTRACTS.md §8; the A113N-W3I/MICo-150K `MICo-Bench/eval_score.py` and
+Weighted-Ref-VIEScore (MICo, docs/methods/mico.md; the A113N-W3I/MICo-150K `MICo-Bench/eval_score.py` and
 `compute_weights.py`): the judge sees [human-verified reference, output] and the prompt, and the output alone:
 
     SC = sqrt(prompt following * resemblance),  PQ = sqrt(naturalness * artifacts),

@@ -6,7 +6,7 @@ a message's `content` is a string or a list of parts `{"type": "text", "text"}` 
 text and images). The answer is `choices[0].message.content`. Any server that speaks this protocol works:
 a hosted API, vLLM / SGLang / TGI serving an open VLM, or a reward server that adds the route.
 
-DESIGN.md "Reliability rules": every attempt has one overall deadline (`timeout`, connect + send + answer);
+Reliability: every attempt has one overall deadline (`timeout`, connect + send + answer);
 a refused connection, a dropped one, HTTP 429 / 5xx, a timeout or an answer that is not chat-completions JSON
 is retried up to `retries` times with exponential backoff (`backoff * 2^attempt`, at most `max_backoff`, or
 the server's Retry-After), then raised as a `ChatError` whose `kind` ("timeout", "http_error",

@@ -111,10 +111,8 @@ class LocalVLMJudge:
 
             encoder = build_text_encoder("qwen", config=self.config, tokenizer=self.tokenizer_spec)
             model, self.tokenizer, self.processor = encoder.model, encoder.tokenizer, encoder.image_processor
-        if self.max_pixels is not None:
-            self.processor.max_pixels = self.max_pixels
-            if hasattr(self.processor, "size") and isinstance(self.processor.size, dict):
-                self.processor.size = {**self.processor.size, "longest_edge": self.max_pixels}
+        if self.max_pixels is not None:  # Qwen2-VL's processors keep max_pixels as size["longest_edge"]
+            self.processor.size = {**dict(self.processor.size or {}), "longest_edge": self.max_pixels}
         self.model = model.to(self.device).eval()
         return self
 

@@ -2,7 +2,7 @@
 
 The benchmark itself is read in place by `datamodules.bench.mico_bench_cases` (its layout is described
 there). This converter writes its cases as shards of the multiref / MICo data kind, the human-verified
-reference as the target (the notes' eval shards), so a training run can validate on MICo-Bench: json
+reference as the target (evaluation shards), so a training run can validate on MICo-Bench: json
 {"instruction" (the refined prompt for De&Re), "task": "compose", "category" (datamodules/mico.py),
 "editing_type", "human_indices", "ref_roles" ("human" for the human sources, "source" for the others),
 "orig_id": "<task>/<id>", "bench_task"}. Cases with more sources than `--max-refs` (MICo-Bench has up to 10)

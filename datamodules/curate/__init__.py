@@ -1,6 +1,6 @@
 """`omnilab data curate <step>`: MICo's curation pipeline as resumable steps, parallel over shards.
 
-MICo (ABSTRACTS.md §8) curates source images, composes them into multi-image samples, filters the results
+MICo (docs/methods/mico.md) curates source images, composes them into multi-image samples, filters the results
 for quality and identity consistency (a human in the loop, in the paper), and builds De&Re samples by
 decomposing real images into components and recomposing them. The steps here (docs/methods/mico.md):
 

@@ -1,4 +1,4 @@
-"""`omnilab data curate dere`: Decomposition-and-Recomposition (MICo's De&Re, ABSTRACTS.md §8).
+"""`omnilab data curate dere`: Decomposition-and-Recomposition (MICo's De&Re, docs/methods/mico.md).
 
 Decomposition: an image and its component label map (0 = background, k > 0 = component k) become the
 sources of a composition: the background (the clean background when the sample has one, else the image with
