@@ -101,6 +101,7 @@ def test_a_checkpoint_brings_its_own_editor_and_weights(tmp_path):
         EditBench().on_load_checkpoint({"state_dict": {"backbone.x": torch.zeros(1)}, "hyper_parameters": {}})
 
 
+@pytest.mark.slow
 def test_make_eval_with_ckpt_path_benchmarks_that_checkpoint(tmp_path):
     spec = experiment_model("unipic2/kontext_tiny")
     editor = build_editor(spec)
