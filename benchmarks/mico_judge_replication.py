@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400, help="judge training steps")
     parser.add_argument("--pairs", type=int, default=120, help="training outputs (held-out cases)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning on a busy CPU)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     results = []
     for seed in args.seeds:
         result = run_seed(seed, args.cases, args.steps, args.pairs, args.lr, args.blind_cases)
