@@ -60,7 +60,7 @@ JUDGE = {
                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
     "vision_config": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4},
 }  # fmt: skip
-SIDE = 64  # images reach the judge at most 64 px a side
+SIDE = 112  # images reach the judge at most 112 px a side (8x8 patches of 14 px)
 
 
 def make_case(seed: int, split: str, index: int) -> dict[str, Any]:
@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cases", type=int, default=16, help="test compositions per seed (x 3 checkpoints)")
     parser.add_argument("--blind-cases", type=int, default=8, help="test compositions also judged blind")
-    parser.add_argument("--steps", type=int, default=400, help="judge training steps")
-    parser.add_argument("--pairs", type=int, default=120, help="training outputs (held-out cases)")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=2000, help="judge training steps")
+    parser.add_argument("--pairs", type=int, default=200, help="training outputs (held-out cases)")
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning on a busy CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
