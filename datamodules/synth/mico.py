@@ -9,8 +9,8 @@ datamodules/synth/multiref.py. The sources, one per reference image:
   on a body in a shirt and trousers of named colours, alone on a light background;
 - clothes: a garment (a T-shirt) of a named colour, flat or striped, alone on a light background.
 The target is rendered from the program (as multiref's): scene or named flat background, people standing in
-grid cells (a try-on redraws the person's shirt as the garment), objects in the other cells (next to a
-person for human + object). Per category (cases in the order of `CATEGORY_WEIGHTS`): multi_object (2-4
+grid cells (about two cells tall, kept on the canvas; a try-on redraws the person's shirt as the garment),
+objects in the other cells. Per category (cases in the order of `CATEGORY_WEIGHTS`): multi_object (2-4
 objects), object_scene (scene + 1-2 objects), multi_person (2-3 people), person_scene (scene + 1-2 people),
 human_object (1-2 people + 1-2 objects), human_clothes (a person + a garment), human_clothes_object
 (a person + a garment + 1-2 objects), dere (a composition of 2-4 objects on a scene, decomposed:
@@ -172,7 +172,9 @@ def make_category(rng: np.random.Generator, category: str) -> tuple[str, list[np
         ch = height / 3 * float(rng.uniform(1.6, 2.0))
         w = max(4, round(ch * shown.aspect))
         cx, cy = (col + 0.5) * width / 3, (row + 0.5) * height / 3
-        box = (round(cx - w / 2), round(cy - ch / 2), w, round(ch))
+        x0 = int(np.clip(round(cx - w / 2), 0, max(0, width - w)))  # the whole figure stays on the canvas
+        y0 = int(np.clip(round(cy - ch / 2), 0, max(0, height - round(ch))))
+        box = (x0, y0, w, round(ch))
         placed.append(Placed(shown, box, cell, len(placed), f"image {k}"))  # type: ignore[arg-type]
         parts.append(f"the person from image {k} at the {cell}")
     if garment is not None:
