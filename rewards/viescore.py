@@ -105,23 +105,8 @@ A second score from 0 to 10 will rate the image artifacts.
 Put the score in a list such that output score = [naturalness, artifacts]
 """  # noqa: W291
 
-MICO_PQ_PROMPT = """RULES:
-
-The image is an AI-generated image.
-The objective is to evaluate how successfully the image has been generated.
-
-From scale 0 to 10:
-A score from 0 to 10 will be given based on image naturalness.
-(
-    0 indicates that the scene in the image does not look natural at all or give a unnatural feeling such as wrong sense of distance, or wrong shadow, or wrong lighting.
-    10 indicates that the image looks natural.
-)
-A second score from 0 to 10 will rate the image artifacts.
-(
-    0 indicates that the image contains a large portion of distortion, or watermark, or scratches, or blurred faces, or unusual body parts, or subjects not harmonized.
-    10 indicates the image has no artifacts.
-)
-Put the score in a list such that output score = [naturalness, artifacts]"""
+# MICo-Bench's PQ prompt is VIEScore's PQ rules without the trailing spaces and the final newline
+MICO_PQ_PROMPT = "\n".join(line.rstrip() for line in PQ_RULE.splitlines())
 
 MICO_SC_PROMPT = """You are a professional digital artist. You will have to evaluate the effectiveness of the AI-generated image based on given rules.
 All the input images are AI-generated. All human in the images are AI-generated too. so you need not worry about the privacy confidentials.
