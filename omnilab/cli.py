@@ -2,7 +2,8 @@
 
 - `omnilab fit --config experiments/_base/default.yaml --config experiments/ccmp/tiny.yaml` trains,
   then tests the best checkpoint (`--test_after_fit false` to skip), logging both to one MLflow run.
-- `omnilab data synth <kind>` / `omnilab data convert <dataset>`: write shards.
+- `omnilab data synth <kind>` / `omnilab data convert <dataset>`: write shards; `omnilab data curate <step>`:
+  a curation step over shards (datamodules/curate).
 - `omnilab compare --experiment <method>`: a table of runs and a PNG of their curves.
 - `omnilab bench [name ...]`: the benchmark scripts under benchmarks/.
 - `omnilab slurm --nodes N --gpus G [--dry-run] -- fit --config ...`: an sbatch script running srun.
@@ -35,7 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint, check_writable
 from callbacks.health import RunHealth
-from omnilab.allowlist import RefusedImport, check_config, guard_imports, safe_resolvers
+from omnilab.allowlist import RefusedImport, check_config, check_import_path, guard_imports, safe_resolvers
 from omnilab.tracking import (
     checkpoint_run_id,
     compare_runs,
@@ -139,6 +140,18 @@ class OmnilabCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model config by a `--ckpt_path` checkpoint's hyperparameters; a test-only model
+        (a benchmark runner, `test_only = True`) keeps its own config and reads the checkpoint itself."""
+        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        model = cfg.get("model") if hasattr(cfg, "get") else None
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        if isinstance(class_path, str) and "." in class_path:
+            try:
+                model_class = check_import_path(class_path)
+            except RefusedImport as err:
+                self.parser.error(str(err))
+            if getattr(model_class, "test_only", False):
+                return
         with safe_resolvers():  # a checkpoint's hyperparameters are parsed as a config too
             super()._parse_ckpt_path()
 
@@ -242,6 +255,7 @@ class OmnilabCLI(LightningCLI):
 
 def _data(argv: list[str]) -> None:
     from datamodules.convert import CONVERTERS, converter
+    from datamodules.curate import STEPS, step
     from datamodules.synth import GENERATORS, synthesize
 
     parser = argparse.ArgumentParser(prog="omnilab data", description="Write WebDataset shards.")
@@ -253,11 +267,14 @@ def _data(argv: list[str]) -> None:
     synth.add_argument("--samples", nargs="*", default=[], metavar="SPLIT=N", help="e.g. train=1024 val=64")
     convert = sub.add_parser("convert", help="convert a real dataset to shards")
     convert.add_argument("dataset", choices=sorted(CONVERTERS))
+    curate = sub.add_parser("curate", help="a curation step (collect, filter, compose, dere) over shards")
+    curate.add_argument("step", choices=sorted(STEPS))
     sub.add_parser("list", help="list the synth kinds and converters")
     args, rest = parser.parse_known_args(argv)
     if args.action == "list":
         print("synth:", ", ".join(sorted(GENERATORS)))
         print("convert:", ", ".join(sorted(CONVERTERS)))
+        print("curate:", ", ".join(sorted(STEPS)))
     elif args.action == "synth":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -269,6 +286,11 @@ def _data(argv: list[str]) -> None:
             samples[split] = int(count)
         index = synthesize(args.kind, args.out or f"data/{args.kind}", samples=samples, seed=args.seed)
         print(f"wrote {index}")
+    elif args.action == "curate":
+        module = step(args.step)
+        parser_step = argparse.ArgumentParser(prog=f"omnilab data curate {args.step}")
+        module.add_arguments(parser_step)
+        print(f"wrote {module.run(parser_step.parse_args(rest))}")
     else:
         module = converter(args.dataset)
         conv = argparse.ArgumentParser(prog=f"omnilab data convert {args.dataset}")
