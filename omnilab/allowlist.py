@@ -52,7 +52,10 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("the suite's classes", ("lightning_modules", "datamodules", "callbacks", "metrics", "rewards")),
+    Family(
+        "the suite's classes",
+        ("lightning_modules", "datamodules", "callbacks", "metrics", "rewards", "omnilab.chat"),
+    ),
     Family(
         "torch optimizers and lr schedulers",
         ("torch.optim",),
