@@ -59,8 +59,8 @@ else
 	$(OMNILAB) fit $(CONFIGS) $(ARGS)
 endif
 
-eval: install ## Lightning test of an experiment's checkpoint: EXP= [CKPT=path; default runs/EXP/checkpoints/best.ckpt, else last.ckpt]
-	$(OMNILAB) test $(CONFIGS) --ckpt_path $(CKPT_PATH) $(ARGS)
+eval: install ## Lightning test of an experiment's checkpoint: EXP= [CKPT=path; default runs/EXP/checkpoints/best.ckpt, else last.ckpt; none: the config's own weights]
+	$(OMNILAB) test $(CONFIGS) $(if $(filter none,$(CKPT)),,--ckpt_path $(CKPT_PATH)) $(ARGS)
 
 predict: install ## Lightning predict with an experiment's checkpoint: EXP= [CKPT=]
 	$(OMNILAB) predict $(CONFIGS) --ckpt_path $(CKPT_PATH) $(ARGS)

@@ -15,6 +15,8 @@ BENCHMARKS: dict[str, str] = {
     "uniref_replication": "UniRef mini-replication: progressive vs full pixel budget; composition PSNR at 1/3/6 refs",
     "grpo_throughput": "Flow-GRPO: rollout images/s, rollout vs update share, 2-step window vs all steps, reference memory",
     "grpo_replication": "Flow-GRPO / MSGRPO / PDTR mini-replication: reward rise, per-reference rules, stage order",
+    "judge_throughput": "Judge calls/s with N concurrent requests vs sequential on a local server; cached rerun calls",
+    "mico_judge_replication": "VIEScore vs Weighted-Ref-VIEScore with a small trained local judge: rank agreement with exact quality",
     "fsdp_memory": "FSDP per block vs one unit on 2 CPU processes: peak memory per process, as ratios",
     "gpu": "the packed DiTs at full size on one GPU: step time, peak memory, tokens/s, MFU; attention paths",
 }

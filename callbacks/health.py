@@ -1,6 +1,6 @@
 """Run health: skip non-finite steps on every rank together, stop after K in a row, log data skips.
 
-DESIGN.md "Reliability rules": a non-finite loss or gradient norm on any rank makes all ranks skip the
+README "Security and reliability": a non-finite loss or gradient norm on any rank makes all ranks skip the
 optimizer step together (a flag is all-reduced), the skip is counted, and K skips in a row stop the run
 with a clear message. Returning None from `training_step` would hang DDP, so the step is skipped by
 dropping the gradients instead: `torch.optim` optimizers leave a parameter without `.grad` untouched

@@ -1,4 +1,4 @@
-"""The WebDataset base DataModule: deterministic, resumable, DDP-safe shard streams (DESIGN.md "Data").
+"""The WebDataset base DataModule: deterministic, resumable, DDP-safe shard streams (README "Data").
 
 Shards are tar files in the WebDataset layout: members `<key>.<ext>`, grouped by key. A data kind
 subclasses `WebDataModule`, lists its `required` members, and supplies a picklable `transform(train)`
@@ -37,9 +37,13 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Callable, Collection, Iterable, Iterator
+import threading
+import time
+import warnings
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlparse
 
 import lightning as L
 import numpy as np
@@ -47,7 +51,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen, rewrite_url
+from webdataset.gopen import gopen, gopen_pipe, gopen_schemes, rewrite_url
 
 from omnilab.seeding import numpy_rng
 
@@ -56,6 +60,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"})
 ALLOW_PIPE_ENV = "OMNILAB_ALLOW_PIPE"
 MIN_SKIP_DENOMINATOR = 20  # the skip fraction is judged against at least this many samples
+MAX_IMAGE_SIDE = 6144  # default largest image side: 4K/5K video frames, 24 MP photos (6000 x 4000)
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
 
 
@@ -79,9 +84,25 @@ def member_kind(ext: str) -> str:
     return ext.rsplit(".", 1)[-1].lower()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode image bytes to HxWx3 uint8 (colour), HxW uint8 (grey) or HxW uint16/int32/float32."""
-    with Image.open(io.BytesIO(data)) as img:
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_SIDE**2) -> np.ndarray:
+    """Decode image bytes to HxWx3 uint8 (colour), HxW uint8 (grey) or HxW uint16/int32/float32.
+
+    An image of more than `max_pixels` pixels is refused (BadSample) from its header, before decoding: a
+    12000² PNG of a few hundred KB would otherwise cost gigabytes (Pillow alone only warns below 179 Mpx).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise BadSample(f"image refused before decoding: {err}") from None
+    with img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise BadSample(
+                f"image of {width}x{height} pixels is larger than the {max_pixels} pixels this data allows "
+                "(data.max_image_pixels); refused before decoding"
+            )
         img.load()
         if img.mode in ("L", "RGB", "I;16", "I", "F"):
             arr = np.asarray(img)
@@ -92,11 +113,11 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.array(arr)  # own, writable memory
 
 
-def decode_member(ext: str, data: bytes) -> Any:
+def decode_member(ext: str, data: bytes, max_pixels: int | None = MAX_IMAGE_SIDE**2) -> Any:
     """Decode one member by its extension; any extension not listed here is refused, never executed."""
     kind = member_kind(ext)
     if kind in IMAGE_EXTS:
-        return decode_image(data)
+        return decode_image(data, max_pixels)
     if kind == "json":
         return json.loads(data)
     if kind == "txt":
@@ -136,8 +157,12 @@ def encode_member(ext: str, value: Any) -> bytes:
     raise ValueError(f"cannot encode member .{ext}: use an image, json, txt, npy or cls extension")
 
 
-def decode_sample(raw: dict[str, Any], required: Collection[str]) -> dict[str, Any]:
-    """Decode every member of a raw sample; raise BadSample on a missing, refused or corrupt member."""
+def decode_sample(
+    raw: dict[str, Any], required: Collection[str], max_pixels: int | None = MAX_IMAGE_SIDE**2
+) -> dict[str, Any]:
+    """Decode every member of a raw sample; raise BadSample on a missing, refused, oversized or corrupt member."""
+    if "__bad__" in raw:
+        raise BadSample(raw["__bad__"])
     missing = [k for k in required if k not in raw]
     if missing:
         raise BadSample(f"missing member(s) {', '.join('.' + m for m in missing)}")
@@ -146,7 +171,7 @@ def decode_sample(raw: dict[str, Any], required: Collection[str]) -> dict[str, A
         if ext.startswith("__"):
             continue
         try:
-            out[ext] = decode_member(ext, data)
+            out[ext] = decode_member(ext, data, max_pixels)
         except BadSample:
             raise
         except Exception as err:
@@ -221,16 +246,33 @@ def read_index(data_dir: str | Path | None) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def shard_scheme(url: str) -> str:
+    """The URL scheme webdataset's `gopen` dispatches on: `urlparse` of the GOPEN_REWRITE'd URL (so lower-cased,
+    with leading spaces and control characters dropped: ` PIPE:cmd` is a pipe)."""
+    return urlparse(rewrite_url(url)).scheme
+
+
+def check_shard_url(url: str) -> None:
+    """Refuse (DataError) a shard URL that webdataset would run as a shell command, unless OMNILAB_ALLOW_PIPE=1."""
+    scheme = shard_scheme(url)
+    handler = gopen_schemes.get(scheme, gopen_schemes["__default__"])
+    if (scheme == "pipe" or handler is gopen_pipe) and os.environ.get(ALLOW_PIPE_ENV) != "1":
+        raise DataError(
+            f"shard {url!r} is a pipe: URL, a shell command webdataset would run; "
+            f"set {ALLOW_PIPE_ENV}=1 to allow pipe: shards"
+        )
+
+
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Expand a shard spec (brace pattern, `::` list, local glob, URL) to a list of shard URLs."""
+    """Expand a shard spec (brace pattern, `::` list, local glob, URL) to a list of shard URLs.
+
+    A `pipe:` URL (in any case or spacing webdataset accepts) is refused unless OMNILAB_ALLOW_PIPE=1.
+    """
     urls: list[str] = []
     for part in [spec] if isinstance(spec, str) else spec:
         for url in wds.shardlists.expand_urls(str(part)):
-            if rewrite_url(url).startswith("pipe:") and os.environ.get(ALLOW_PIPE_ENV) != "1":
-                raise ValueError(
-                    f"shard {url!r} is a pipe: command; set {ALLOW_PIPE_ENV}=1 to allow pipe: shards"
-                )
-            if "://" not in url and not url.startswith("pipe:") and any(c in url for c in "*?["):
+            check_shard_url(url)
+            if shard_scheme(url) == "" and any(c in url for c in "*?["):
                 urls.extend(sorted(glob.glob(url)))
             else:
                 urls.append(url)
@@ -241,6 +283,10 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
 TAR_BLOCK = 512
 MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key / extension split
+
+
+class TarCutAtMember(tarfile.ReadError):
+    """A tar stream that ends between two members, without the end-of-archive block."""
 
 
 def _read_exact(stream: Any, n: int, name: str) -> bytes:
@@ -256,13 +302,18 @@ def iter_tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
     Python's tarfile (under webdataset's tar iterator) parses every header field into a TarInfo; reading only
     what a shard needs (name, size, type; pax `path` and GNU long names; the header checksum) is ~6x faster:
     0.06 vs 0.37 ms per 5-member correspondence sample on this CPU, before decoding (which costs ~6 ms).
-    A bad checksum or a short read raises tarfile.ReadError.
+    A bad checksum, a short read, or a stream that ends without the end-of-archive block (a zero-byte file,
+    a tar cut at a member boundary) raises tarfile.ReadError.
     """
     long_name: str | None = None
     while True:
         header = stream.read(TAR_BLOCK)
-        if len(header) < TAR_BLOCK or header == bytes(TAR_BLOCK):
-            return  # the end-of-archive blocks (or a stream that just stops there)
+        if header == bytes(TAR_BLOCK):
+            return  # the end-of-archive blocks
+        if not header:
+            raise TarCutAtMember("truncated tar: it ends without the end-of-archive block")
+        if len(header) < TAR_BLOCK:
+            raise tarfile.ReadError("truncated tar header")
         stored = header[148:156].split(b"\0", 1)[0].strip()
         checksum = sum(header[:148]) + 8 * 32 + sum(header[156:])
         if not stored or int(stored, 8) != checksum:
@@ -298,11 +349,22 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
 
     Adjacent members that share a key (the name up to the first dot of its basename) form a sample, as
     webdataset groups them; extensions are lower-cased; "__"-prefixed top-level files are skipped; a
-    repeated extension within a sample is a ValueError.
+    repeated extension within a sample is a ValueError. A sample with an absolute or `..` member name is
+    marked `__bad__` (then skipped and counted), so a key can never point outside a folder it is written to.
     """
+    check_shard_url(url)
     sample: dict[str, Any] | None = None
     with gopen(url) as stream:
-        for name, data in iter_tar_members(stream):
+        members = iter_tar_members(stream)
+        while True:
+            try:
+                name, data = next(members)
+            except StopIteration:
+                break
+            except TarCutAtMember:
+                if sample is not None:
+                    yield sample  # complete up to where the tar was cut; a missing member is caught by `required`
+                raise
             if "/" not in name and name.startswith("__"):
                 continue
             match = MEMBER_NAME.match(name)
@@ -315,6 +377,8 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
                 sample = {"__key__": key, "__url__": url}
             if ext in sample:
                 raise ValueError(f"{url}: {name}: duplicate member .{ext} in sample {key!r}")
+            if name.startswith("/") or ".." in name.split("/"):
+                sample["__bad__"] = f"unsafe member name {name!r} (absolute or with ..)"
             sample[ext] = data
     if sample is not None:
         yield sample
@@ -364,14 +428,16 @@ class SkipCounter:
         if self.totals is not None:
             self.totals[0] += 1
 
-    def bad(self, url: str, key: str, reason: str) -> None:
-        """Count a skipped sample and stop if too many were skipped."""
-        self.seen += 1
-        self.skipped += 1
+    def bad(self, url: str, key: str, reason: str, count: int = 1) -> None:
+        """Count `count` skipped (or lost) samples and stop if too many were skipped."""
+        self.seen += count
+        self.skipped += count
         if self.totals is not None:
-            self.totals += 1
-        if self.skipped <= 10:
-            log.warning("skipped sample %s in %s: %s", key, url, reason)
+            self.totals += count
+        if self.skipped - count < 10:
+            log.warning(
+                "skipped %s in %s: %s", f"sample {key}" if count == 1 else f"{count} samples", url, reason
+            )
         if self.skipped > self.max_fraction * max(self.seen, MIN_SKIP_DENOMINATOR):
             raise DataError(
                 f"{self.skipped} of {self.seen} samples skipped (> max_skip_fraction={self.max_fraction}); "
@@ -391,8 +457,12 @@ class _Stream(IterableDataset):
         seed: int,
         max_skip_fraction: float,
         collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_examples,
+        counts: Mapping[str, int] | None = None,
+        max_pixels: int | None = MAX_IMAGE_SIDE**2,
     ) -> None:
         self.shards, self.transform, self.required = shards, transform, tuple(required)
+        self.counts = dict(counts or {})  # shard path -> samples the index says it holds
+        self.max_pixels = max_pixels
         self.batch_size, self.seed, self.max_skip_fraction, self.collate = (
             batch_size,
             seed,
@@ -418,10 +488,28 @@ class _Stream(IterableDataset):
         seen, skipped = self.stats.sum(0).tolist()
         return seen, skipped
 
+    def read_shard(self, url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard; what it lacks is counted: every sample short of the index's count
+        (a zero-byte, non-tar or truncated shard), or one when the shard breaks and there is no count."""
+        read, error = 0, None
+        try:
+            for sample in iter_raw_samples(url):
+                read += 1
+                yield sample
+        except (OSError, tarfile.TarError, ValueError) as err:
+            error = f"unreadable shard: {type(err).__name__}: {err}"
+        expected = self.counts.get(os.path.abspath(url)) if shard_scheme(url) == "" else None
+        missing = expected - read if expected is not None else 0
+        if missing > 0:
+            why = error or "the shard ends early"
+            counter.bad(url, "-", f"{why}: {read} of the {expected} samples index.json lists", missing)
+        elif error is not None and expected is None:
+            counter.bad(url, "-", error)
+
     def _example(self, raw: dict[str, Any], rng: np.random.Generator, counter: SkipCounter) -> dict | None:
         url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
         try:
-            example = self.transform(decode_sample(raw, self.required), rng)
+            example = self.transform(decode_sample(raw, self.required, self.max_pixels), rng)
         except SkipSample:
             return None
         except BadSample as err:
@@ -474,11 +562,7 @@ class TrainStream(_Stream):
         n = len(self.shards)
         perm = numpy_rng(self.seed, "shards", self.epoch, cycle).permutation(n)
         for slot in range(cycle * n + (v - cycle * n) % streams, (cycle + 1) * n, streams):
-            url = self.shards[perm[slot - cycle * n]]
-            try:
-                yield from iter_raw_samples(url)
-            except (OSError, tarfile.TarError, ValueError) as err:
-                counter.bad(url, "-", f"unreadable shard: {type(err).__name__}: {err}")
+            yield from self.read_shard(self.shards[perm[slot - cycle * n]], counter)
 
     def _stream(self, v: int, streams: int, skip: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Examples of stream v: cycle after cycle, each shuffled within itself, the first `skip` dropped."""
@@ -527,19 +611,58 @@ class EvalStream(_Stream):
         me = self.rank * workers + worker
         counter, batch = self.counter(worker), []
         for url in self.shards[me :: self.world * workers]:
-            try:
-                for raw in iter_raw_samples(url):
-                    rng = numpy_rng(self.seed, "eval", raw.get("__key__", ""))
-                    example = self._example(raw, rng, counter)
-                    if example is not None:
-                        batch.append(example)
-                    if len(batch) == self.batch_size:
-                        yield self.collate(batch)
-                        batch = []
-            except (OSError, tarfile.TarError, ValueError) as err:
-                counter.bad(url, "-", f"unreadable shard: {type(err).__name__}: {err}")
+            for raw in self.read_shard(url, counter):
+                rng = numpy_rng(self.seed, "eval", raw.get("__key__", ""))
+                example = self._example(raw, rng, counter)
+                if example is not None:
+                    batch.append(example)
+                if len(batch) == self.batch_size:
+                    yield self.collate(batch)
+                    batch = []
         if batch:
             yield self.collate(batch)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        if os.getppid() != parent:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def exit_with_parent() -> None:
+    """Make this (worker) process exit as soon as its parent dies, even by kill -9.
+
+    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); elsewhere, and as a
+    fallback, a daemon thread polls the parent pid. A worker busy decoding would otherwise run on for seconds.
+    """
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+
+
+class WorkerInit:
+    """A DataLoader `worker_init_fn`: `exit_with_parent`, then the one it wraps (e.g. Lightning's seeding)."""
+
+    def __init__(self, chained: Callable[[int], None] | None = None) -> None:
+        self.chained = chained
+
+    def __call__(self, worker_id: int) -> None:
+        """Set up worker `worker_id`."""
+        exit_with_parent()
+        if self.chained is not None:
+            self.chained(worker_id)
 
 
 class StreamLoader(DataLoader):
@@ -569,7 +692,13 @@ class StreamLoader(DataLoader):
                 epoch, start = epoch + 1, 0
             self._resume = None
             stream.set_position(epoch, start)
-        return super().__iter__()
+        chained = self.worker_init_fn  # None, or what Lightning set (its worker seeding)
+        if self.num_workers and not isinstance(chained, WorkerInit):
+            self.worker_init_fn = WorkerInit(chained)
+        try:
+            return super().__iter__()  # starts the workers
+        finally:
+            self.worker_init_fn = chained
 
     def resume_at(self, epoch: int, batches: int) -> None:
         """Start the next iteration at this position (a checkpoint's) instead of the trainer's progress."""
@@ -602,10 +731,13 @@ class WebDataModule(L.LightningDataModule):
         max_skip_fraction: Stop when more than this fraction of samples is bad (judged on >= 20 samples).
         synth: Generate the embedded shards into data_dir when they are absent.
         synth_samples: Samples per split to generate, e.g. {train: 256, val: 32, test: 32}.
+        max_image_pixels: Refuse (skip and count) an image of more pixels than this, before decoding it
+            (default: the data kind's `max_image_side` squared).
     """
 
     required: ClassVar[tuple[str, ...]] = ()
     synth_kind: ClassVar[str | None] = None
+    max_image_side: ClassVar[int] = MAX_IMAGE_SIDE  # the largest image side the kind's source data has
 
     def __init__(
         self,
@@ -624,8 +756,12 @@ class WebDataModule(L.LightningDataModule):
         max_skip_fraction: float = 0.05,
         synth: bool = True,
         synth_samples: dict[str, int] | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name}={value!r}: give a whole number >= 1")
         self.data_dir = data_dir
         self.specs = {
             "train": train_shards,
@@ -637,6 +773,7 @@ class WebDataModule(L.LightningDataModule):
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.num_streams, self.seed = shuffle_buffer, num_streams, seed
         self.max_skip_fraction, self.synth, self.synth_samples = max_skip_fraction, synth, synth_samples
+        self.max_image_pixels = max_image_pixels or self.max_image_side**2
         self.loaders: dict[str, StreamLoader] = {}
         self._resume: tuple[int, int] | None = (
             None  # a checkpoint's training position, until a loader takes it
@@ -692,6 +829,58 @@ class WebDataModule(L.LightningDataModule):
             )
         return max(1, count // (self.batch_size * self._placement()[1]))
 
+    def shard_counts(self) -> dict[str, int]:
+        """{absolute shard path: samples} of every shard index.json lists (empty without an index)."""
+        index = read_index(self.data_dir) or {}
+        counts = {}
+        for info in (index.get("splits") or {}).values():
+            for name, count in zip(info.get("shards") or [], info.get("counts") or []):
+                counts[os.path.abspath(Path(self.data_dir) / name)] = int(count)
+        return counts
+
+    def check_batch_size(self, split: str) -> None:
+        """Refuse (ValueError, with the reason) a batch no epoch of `split` can fill or no memory can hold.
+
+        Fill: the training batch of all ranks against the samples index.json counts for the split's shards.
+        Memory: a batch holds at least its samples' stored bytes (index.json: the shard files' bytes per
+        sample; without one, a tar header block per member); more than half the machine's memory is refused.
+        """
+        spec = self.shard_spec(split)
+        if spec is None:
+            return
+        train = split == "train"
+        key, batch = ("batch_size", self.batch_size) if train else ("eval_batch_size", self.eval_batch_size)
+        shards = [u for u in expand_shards(spec) if shard_scheme(u) == ""]
+        counts = self.shard_counts()
+        known = [counts.get(os.path.abspath(u)) for u in shards]
+        samples = sum(known) if shards and None not in known else None
+        world = self._placement()[1]
+        if train and samples is not None and batch * world > samples:
+            raise ValueError(
+                f"data.{key}={batch} x {world} rank(s) = {batch * world} samples per step, but the {split} "
+                f"split has {samples} samples (index.json): an epoch cannot fill one batch"
+            )
+        if samples:
+            per_sample = sum(os.path.getsize(u) for u in shards) / samples
+        else:
+            per_sample = float(TAR_BLOCK * max(1, len(self.required)))
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        if batch * per_sample > memory / 2:
+            raise ValueError(
+                f"data.{key}={batch}: one batch holds at least {batch * per_sample / 2**30:.1f} GiB "
+                f"({per_sample / 1024:.1f} KiB stored per sample, before decoding), more than half of this "
+                f"machine's {memory / 2**30:.1f} GiB of memory"
+            )
+
+    def setup(self, stage: str) -> None:
+        """Check the batch sizes of the stage's splits before any work (`check_batch_size`)."""
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in splits.get(stage, ()):
+            self.check_batch_size(split)
+
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position (epoch, batches the trainer finished in it), for the checkpoint."""
         epoch, batches = self._position()
@@ -722,6 +911,8 @@ class WebDataModule(L.LightningDataModule):
             seed=self.seed,
             max_skip_fraction=self.max_skip_fraction,
             collate=self.collate(),
+            counts=self.shard_counts(),
+            max_pixels=self.max_image_pixels,
         )
         if train:
             stream: _Stream = TrainStream(

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import DINOv3ConvNextModel, DINOv3ViTModel
 
 from datamodules.correspondence import prediction_to_gt
-from lightning_modules.components.backbones import build_backbone
+from lightning_modules.components.backbones import BackboneSpec, build_backbone, check_backbone
 from metrics.correspondence import CorrespondenceMetrics, HandalInstanceIoU, SubmissionWriter
 from omnilab.attention import apply_attention
 
@@ -106,6 +106,31 @@ def stage_lr(stage: Stage, t: int) -> float:
     return lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * progress))
 
 
+def check_stages(stages: list[Stage]) -> None:
+    """ValueError naming the stage and key of any value that would not train as meant (negative lr, ...)."""
+    known = set(Stage.__annotations__)
+    for i, stage in enumerate(stages):
+        where = f"stages[{i}]"
+        unknown = set(stage) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; a stage has {sorted(known)}")
+        for key in ("steps", "lr"):
+            if key not in stage:
+                raise ValueError(f"{where}: `{key}` is required")
+        steps, warmup = stage["steps"], stage.get("warmup_steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{where}.steps={steps!r}: give a whole number of optimizer steps >= 1")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= steps:
+            raise ValueError(f"{where}.warmup_steps={warmup!r}: give a whole number in [0, steps={steps}]")
+        lr, lr_end = stage["lr"], stage.get("lr_end", stage["lr"])
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{where}.lr={lr!r}: the learning rate must be a finite number > 0")
+        if not (isinstance(lr_end, int | float) and math.isfinite(lr_end) and lr_end >= 0):
+            raise ValueError(f"{where}.lr_end={lr_end!r}: must be a finite number >= 0")
+        if not isinstance(stage.get("train_backbones", True), bool):
+            raise ValueError(f"{where}.train_backbones={stage['train_backbones']!r}: give true or false")
+
+
 def lr_at(stages: list[Stage], step: int) -> float:
     """The learning rate of a global optimizer step under the staged recipe."""
     index, t = stage_at(stages, step)
@@ -158,8 +183,8 @@ class CCMP(L.LightningModule):
 
     def __init__(
         self,
-        source_encoder: dict[str, Any],
-        target_encoder: dict[str, Any],
+        source_encoder: BackboneSpec,
+        target_encoder: BackboneSpec,
         image_size: int = 512,
         dice_weight: float = 5.0,
         cls_weight: float = 1.0,
@@ -176,6 +201,13 @@ class CCMP(L.LightningModule):
         init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
+        check_stages(list(stages or []))
+        if not (math.isfinite(lr) and lr > 0) or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(
+                f"lr={lr} must be > 0, weight_decay={weight_decay} >= 0, betas={betas} in [0, 1)"
+            )
+        check_backbone(DINOv3ConvNextModel, source_encoder)  # misspelt keys fail here, before any work
+        check_backbone(DINOv3ViTModel, target_encoder)
         self.save_hyperparameters()
         self.source_spec, self.target_spec = dict(source_encoder), dict(target_encoder)
         self.image_size, self.threshold, self.attention = image_size, threshold, attention

@@ -2,12 +2,13 @@
 
 - `omnilab fit --config experiments/_base/default.yaml --config experiments/ccmp/tiny.yaml` trains,
   then tests the best checkpoint (`--test_after_fit false` to skip), logging both to one MLflow run.
-- `omnilab data synth <kind>` / `omnilab data convert <dataset>`: write shards.
+- `omnilab data synth <kind>` / `omnilab data convert <dataset>`: write shards; `omnilab data curate <step>`:
+  a curation step over shards (datamodules/curate).
 - `omnilab compare --experiment <method>`: a table of runs and a PNG of their curves.
 - `omnilab bench [name ...]`: the benchmark scripts under benchmarks/.
 - `omnilab slurm --nodes N --gpus G [--dry-run] -- fit --config ...`: an sbatch script running srun.
 
-DESIGN.md "Configs": subclass mode for model and data, omegaconf parser mode, allowlisted class paths,
+README "Running an experiment": subclass mode for model and data, omegaconf parser mode, allowlisted class paths,
 the resolved config saved (overwriting) and logged, seed 0 unless set, the run named from the
 experiment path (experiments/<method>/<name>.yaml -> MLflow experiment <method>, run <name>).
 """
@@ -23,6 +24,8 @@ from typing import Any
 
 import lightning as L
 import yaml
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
@@ -31,11 +34,22 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint, check_writable
 from callbacks.health import RunHealth
-from omnilab.allowlist import guard_imports
-from omnilab.tracking import compare_runs, git_sha, run_identity
+from omnilab.allowlist import RefusedImport, check_config, check_import_path, guard_imports, safe_resolvers
+from omnilab.tracking import (
+    checkpoint_run_id,
+    compare_runs,
+    continue_run,
+    git_sha,
+    open_store,
+    process_tags,
+    run_identity,
+    settle_killed_runs,
+)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 
 def expand_defaults(argv: list[str]) -> list[str]:
@@ -84,6 +98,7 @@ class OmnilabCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         from omnilab.tracking import TrackConfig
 
+        guard_imports()
         super().__init__(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -99,9 +114,14 @@ class OmnilabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The checkpoint and health sections, `--test_after_fit` and `defaults` (see expand_defaults)."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
-            {"checkpoint.filename": "best", "checkpoint.save_last": True, "checkpoint.save_top_k": 1}
+            {
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.enable_version_counter": False,  # best.ckpt / last.ckpt are replaced, atomically
+            }
         )
         parser.add_lightning_class_args(RunHealth, "health")
         parser.add_argument(
@@ -120,8 +140,34 @@ class OmnilabCLI(LightningCLI):
             help="Fragments (under experiments/) this builds on.",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse with only omegaconf's own resolvers available to `${...}` (allowlist.safe_resolvers)."""
+        with safe_resolvers():
+            super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model config by a `--ckpt_path` checkpoint's hyperparameters; a test-only model
+        (a benchmark runner, `test_only = True`) keeps its own config and reads the checkpoint itself."""
+        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        model = cfg.get("model") if hasattr(cfg, "get") else None
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        if isinstance(class_path, str) and "." in class_path:
+            try:
+                model_class = check_import_path(class_path)
+            except RefusedImport as err:
+                self.parser.error(str(err))
+            if getattr(model_class, "test_only", False):
+                return
+        with safe_resolvers():  # a checkpoint's hyperparameters are parsed as a config too
+            super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
-        """Name the run from the experiment path and place its checkpoints and config under runs/."""
+        """Before any work: check every class_path, the checkpoint to load, the folders to write, the MLflow
+        store; name the run, place its checkpoints and config under runs/, continue a resumed run."""
+        try:
+            check_config(self.config)
+        except RefusedImport as err:
+            self.parser.error(str(err))
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         method, name, config_path = run_identity(cfg.get("config") or [])
         trainer = cfg.trainer
@@ -129,6 +175,18 @@ class OmnilabCLI(LightningCLI):
             trainer.default_root_dir = str(Path("runs") / method / name)
         if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") is None:
             cfg.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        ckpt_path = cfg.get("ckpt_path")
+        keyword = str(ckpt_path).split(":", 1)[0] in CKPT_KEYWORDS  # "last", "registry:<model>", ...
+        local_ckpt = ckpt_path and not keyword and "://" not in str(ckpt_path)
+        if local_ckpt and not Path(ckpt_path).is_file():
+            self.parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file; nothing was started")
+        checkpoints = self.subcommand in (None, "fit") and cfg.get("checkpoint") is not None
+        try:
+            check_writable(trainer.default_root_dir, "run folder (trainer.default_root_dir)")
+            if checkpoints and trainer.get("enable_checkpointing") is not False:
+                check_writable(cfg.checkpoint.dirpath, "checkpoint folder (checkpoint.dirpath)")
+        except OSError as err:
+            self.parser.error(f"{err}; nothing was started")
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if getattr(logger, "class_path", "").endswith("MLFlowLogger"):
@@ -142,7 +200,30 @@ class OmnilabCLI(LightningCLI):
                     "git_sha": git_sha(),
                     "config": config_path or "",
                     "command": " ".join(["omnilab", *sys.argv[1:]])[:5000],
+                    **process_tags(),
                 }
+                if (_get_rank() or 0) == 0:
+                    self._track(init, ckpt_path if self.subcommand in (None, "fit") else None)
+
+    @staticmethod
+    def _track(init: Any, ckpt_path: str | None) -> None:
+        """Open the MLflow store (plain error if it cannot be), continue a resumed fit's run, mark dead runs KILLED."""
+        # as MLFlowLogger resolves it: the argument, else $MLFLOW_TRACKING_URI, else a file store in save_dir
+        uri = init.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = uri or f"file:{init.get('save_dir') or './mlruns'}"
+        client = open_store(uri)
+        run_id = init.get("run_id")
+        if run_id is None and ckpt_path and Path(ckpt_path).is_file():
+            run_id = checkpoint_run_id(ckpt_path, uri)
+            if run_id is not None:
+                from mlflow.exceptions import MlflowException
+
+                try:
+                    continue_run(client, run_id)
+                    init.run_id = run_id
+                except MlflowException:  # the run was deleted from the store: a new run, then
+                    run_id = None
+        settle_killed_runs(client, init.experiment_name, init.run_name, keep=run_id)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
         configured = list(config.get("callbacks") or [])
@@ -157,6 +238,10 @@ class OmnilabCLI(LightningCLI):
             isinstance(c, LearningRateMonitor) for c in configured
         ):
             extra.append(LearningRateMonitor(logging_interval="step"))
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]  # checkpoints written atomically
         return super()._instantiate_trainer(config, extra)
 
     def before_fit(self) -> None:
@@ -193,6 +278,7 @@ class OmnilabCLI(LightningCLI):
 
 def _data(argv: list[str]) -> None:
     from datamodules.convert import CONVERTERS, converter
+    from datamodules.curate import STEPS, step
     from datamodules.synth import GENERATORS, synthesize
 
     parser = argparse.ArgumentParser(prog="omnilab data", description="Write WebDataset shards.")
@@ -204,11 +290,14 @@ def _data(argv: list[str]) -> None:
     synth.add_argument("--samples", nargs="*", default=[], metavar="SPLIT=N", help="e.g. train=1024 val=64")
     convert = sub.add_parser("convert", help="convert a real dataset to shards")
     convert.add_argument("dataset", choices=sorted(CONVERTERS))
+    curate = sub.add_parser("curate", help="a curation step (collect, filter, compose, dere) over shards")
+    curate.add_argument("step", choices=sorted(STEPS))
     sub.add_parser("list", help="list the synth kinds and converters")
     args, rest = parser.parse_known_args(argv)
     if args.action == "list":
         print("synth:", ", ".join(sorted(GENERATORS)))
         print("convert:", ", ".join(sorted(CONVERTERS)))
+        print("curate:", ", ".join(sorted(STEPS)))
     elif args.action == "synth":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -220,6 +309,11 @@ def _data(argv: list[str]) -> None:
             samples[split] = int(count)
         index = synthesize(args.kind, args.out or f"data/{args.kind}", samples=samples, seed=args.seed)
         print(f"wrote {index}")
+    elif args.action == "curate":
+        module = step(args.step)
+        parser_step = argparse.ArgumentParser(prog=f"omnilab data curate {args.step}")
+        module.add_arguments(parser_step)
+        print(f"wrote {module.run(parser_step.parse_args(rest))}")
     else:
         module = converter(args.dataset)
         conv = argparse.ArgumentParser(prog=f"omnilab data convert {args.dataset}")

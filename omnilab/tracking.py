@@ -1,16 +1,24 @@
 """MLflow tracking: run naming, tags, flattened config params, the config artifact, and `omnilab compare`.
 
-DESIGN.md "Tracking": `sqlite:///mlruns/mlflow.db` unless MLFLOW_TRACKING_URI says otherwise;
+README "Results and tracking": `sqlite:///mlruns/mlflow.db` unless MLFLOW_TRACKING_URI says otherwise;
 experiment = method, run = config name; tags: git sha and config path; params: the flattened resolved
 config; artifacts: the resolved YAML.
+
+Reliability: a local store is created under a file lock (two fits started at once on a new store would
+otherwise race to create its tables) and a store that cannot be opened is a plain error naming it
+(`open_store`). A checkpoint carries its MLflow run id (`TrackConfig.on_save_checkpoint`), so a resumed fit
+continues the same run (`checkpoint_run_id`); a run left RUNNING by a process that died (kill -9) on this
+host is marked KILLED when the next fit of the same experiment and name starts (`settle_killed_runs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +30,117 @@ os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 EXPERIMENTS_DIR = "experiments"
+PROCESS_TAG, RESUMES_TAG = "omnilab.process", "omnilab.resumes"  # process: "<pid>@<host>" (never a number)
+CHECKPOINT_KEY = "mlflow"  # checkpoint["mlflow"] = {"run_id", "tracking_uri"}
 
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else the suite's local SQLite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :])
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a local store's database (`<db>.lock`); a no-op for remote stores."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class StoreError(SystemExit):
+    """The MLflow store cannot be opened (the message names it)."""
+
+
+def open_store(uri: str) -> Any:
+    """An MlflowClient on `uri`, the store created (under `store_lock`) if new; StoreError naming it if not."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        with store_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # creates a new local store's tables, or fails here
+    except Exception as err:
+        raise StoreError(f"cannot open the MLflow store at {uri}: {type(err).__name__}: {err}") from None
+    return client
+
+
+def checkpoint_run_id(ckpt_path: str | os.PathLike, uri: str) -> str | None:
+    """The MLflow run id a checkpoint was written under, when it was tracked in the store at `uri`."""
+    import torch
+
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict) or saved.get("tracking_uri") != uri:
+        return None
+    return saved.get("run_id")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def settle_killed_runs(client: Any, experiment: str, run_name: str, keep: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of `experiment`/`run_name` started on this host by a process that is gone.
+
+    `keep` (a run being resumed) is left running. Runs from other hosts cannot be judged and are left as they
+    are. Returns the ids marked.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`mlflow.runName` = '{run_name}'",
+    )
+    killed = []
+    for run in runs:
+        pid, _, host = run.data.tags.get(PROCESS_TAG, "").partition("@")
+        if run.info.run_id == keep or host != socket.gethostname() or not pid.isdigit():
+            continue
+        if not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+    return killed
+
+
+def process_tags() -> dict[str, str]:
+    """The tag that lets a later fit tell whether a RUNNING run's process is still alive."""
+    return {PROCESS_TAG: f"{os.getpid()}@{socket.gethostname()}"}
+
+
+def continue_run(client: Any, run_id: str) -> None:
+    """Take over a run being resumed: RUNNING again, owned by this process, its resumes counted."""
+    run = client.get_run(run_id)
+    resumes = int(run.data.tags.get(RESUMES_TAG, "0") or 0) + 1
+    client.update_run(run_id, status="RUNNING")
+    for key, value in {**process_tags(), RESUMES_TAG: str(resumes)}.items():
+        client.set_tag(run_id, key, value)
 
 
 def run_identity(config_paths: Iterable[str | os.PathLike]) -> tuple[str, str, str | None]:
@@ -73,7 +187,16 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 class TrackConfig(SaveConfigCallback):
-    """Saves the resolved config beside the checkpoints and logs it (artifact + flattened params) to MLflow."""
+    """Saves the resolved config beside the checkpoints and logs it (artifact + flattened params) to MLflow;
+    writes the MLflow run id into every checkpoint, so that a resumed fit continues the run."""
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """checkpoint["mlflow"] = {run_id, tracking_uri} of the run this fit logs to."""
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and getattr(logger, "_run_id", None):
+                checkpoint[CHECKPOINT_KEY] = {"run_id": logger._run_id, "tracking_uri": logger._tracking_uri}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Write `<default_root_dir>/config.yaml` (overwriting) and log it once per run."""
@@ -87,7 +210,14 @@ class TrackConfig(SaveConfigCallback):
             for logger in trainer.loggers:
                 if isinstance(logger, MLFlowLogger):
                     config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
-                    logger.log_hyperparams(flatten_config(config))
+                    params = flatten_config(config)
+                    # a resumed run has its params already; MLflow refuses to change one, so new values
+                    # (e.g. ckpt_path, a longer max_steps) are kept as `resumed/<key>` tags
+                    logged = logger.experiment.get_run(logger.run_id).data.params
+                    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v[:250]}
+                    logger.log_hyperparams({k: v for k, v in params.items() if k not in changed})
+                    for key, value in changed.items():
+                        logger.experiment.set_tag(logger.run_id, f"resumed/{key}", value[:5000])
                     logger.experiment.log_artifact(logger.run_id, str(path))
         self.already_saved = True
 

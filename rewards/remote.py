@@ -39,6 +39,7 @@ from PIL import Image
 from torch import Tensor
 
 from omnilab.allowlist import check_import_path
+from omnilab.chat import post_json
 from rewards.base import (
     Reward,
     RewardError,
@@ -165,40 +166,8 @@ class RemoteReward(Reward):
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
         """One POST under one overall deadline: (status, body). Raises TimeoutError past `timeout`."""
-        parts = urllib.parse.urlsplit(self.url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        deadline = time.monotonic() + self.timeout
-
-        def remaining() -> float:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"deadline of {self.timeout:g} s passed")
-            return left
-
-        conn = kind(parts.hostname, parts.port, timeout=self.timeout)
-        try:
-            conn.connect()
-            conn.sock.settimeout(remaining())
-            path = parts.path or "/"
-            conn.request(
-                "POST",
-                path + (f"?{parts.query}" if parts.query else ""),
-                body,
-                {"Content-Type": "application/json"},
-            )
-            conn.sock.settimeout(remaining())
-            response = conn.getresponse()
-            chunks = []
-            while True:
-                if conn.sock is not None:
-                    conn.sock.settimeout(remaining())
-                chunk = response.read(1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return response.status, b"".join(chunks)
-        finally:
-            conn.close()
+        status, _, answer = post_json(self.url, body, {}, self.timeout)
+        return status, answer
 
 
 # --------------------------------------------------------------------------- the server

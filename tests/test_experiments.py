@@ -76,9 +76,10 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
     # a run that starts from another experiment's checkpoint starts from random init here (the start
     # from a checkpoint is tested with the method); everything else runs as `make train` runs it
     starts = [f"--model.init_args.{k}=null" for k in model_args(path) if k.startswith("init_")]
+    test_only = _test_only(path)  # a benchmark runner: `omnilab test`, nothing to fit
     main(
         [
-            "fit", "--config", BASE, "--config", str(path), *CPU, *starts,
+            "test" if test_only else "fit", "--config", BASE, "--config", str(path), *CPU, *starts,
             f"--data.init_args.data_dir={in_tmp}/data",
             "--data.init_args.synth_samples={train: 16, val: 4, test: 4}",
             "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
@@ -86,4 +87,19 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
         ]
     )  # fmt: skip
     method, name = path.parent.name, path.stem
-    assert (in_tmp / "runs" / method / name / "checkpoints" / "last.ckpt").exists()
+    written = "bench/summary.json" if test_only else "checkpoints/last.ckpt"
+    assert (in_tmp / "runs" / method / name / written).exists()
+
+
+def _test_only(path: Path) -> bool:
+    """Whether the experiment's model only tests (a benchmark runner, `test_only = True`)."""
+    import importlib
+
+    configs = expand_defaults(["--config", str(path)])[1::2]
+    class_path = None
+    for config in configs:
+        class_path = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get(
+            "class_path", class_path
+        )
+    module, _, name = (class_path or "").rpartition(".")
+    return bool(module) and getattr(getattr(importlib.import_module(module), name), "test_only", False)

@@ -11,7 +11,9 @@ from typing import Any
 CONVERTERS: dict[str, str] = {
     "edit_jsonl": "datamodules.convert.edit_jsonl",
     "egoexo4d": "datamodules.convert.egoexo4d",
+    "gedit_bench": "datamodules.convert.gedit_bench",
     "mico150k": "datamodules.convert.mico150k",
+    "mico_bench": "datamodules.convert.mico_bench",
 }
 
 

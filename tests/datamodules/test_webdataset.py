@@ -184,7 +184,7 @@ def test_too_many_bad_samples_stop_the_run_naming_shard_and_key(tmp_path):
 
 def test_pipe_shards_need_the_flag(monkeypatch):
     monkeypatch.delenv("OMNILAB_ALLOW_PIPE", raising=False)
-    with pytest.raises(ValueError, match="OMNILAB_ALLOW_PIPE"):
+    with pytest.raises(DataError, match="OMNILAB_ALLOW_PIPE"):
         expand_shards("pipe:cat /tmp/x-{0..1}.tar")
     monkeypatch.setenv("OMNILAB_ALLOW_PIPE", "1")
     assert expand_shards("pipe:cat /tmp/x-{0..1}.tar") == ["pipe:cat /tmp/x-0.tar", "pipe:cat /tmp/x-1.tar"]
