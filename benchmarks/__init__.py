@@ -17,4 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "grpo_replication": "Flow-GRPO / MSGRPO / PDTR mini-replication: reward rise, per-reference rules, stage order",
     "judge_throughput": "Judge calls/s with N concurrent requests vs sequential on a local server; cached rerun calls",
     "mico_judge_replication": "VIEScore vs Weighted-Ref-VIEScore with a small trained local judge: rank agreement with exact quality",
+    "fsdp_memory": "FSDP per block vs one unit on 2 CPU processes: peak memory per process, as ratios",
+    "gpu": "the packed DiTs at full size on one GPU: step time, peak memory, tokens/s, MFU; attention paths",
 }
+NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing

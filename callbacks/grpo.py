@@ -28,6 +28,9 @@ not allowed or the wrong shape, a reward server is down or slow) or a rollout wh
 a counted skip of one step, agreed on all ranks (one all-reduce per rollout); `max_consecutive_skips` failures
 in a row stop the run with a clear message.
 
+Under FSDP the rollouts and held-out samples run through the wrapped model's forward (`omnilab.fsdp.run_in_root`),
+as the training step does, so sharded weights are gathered unit by unit.
+
 Randomness: the initial noise and SDE noise of trajectory k of the rollout at global step s on rank r come
 from `torch_generator(seed, "rollout", s, r, k)`, the window from `(seed, "steps", s)`, the held-out samples
 from `(seed, "eval", key)`: a resumed run draws exactly what the uninterrupted one drew. The state_dict keeps
@@ -64,6 +67,7 @@ from lightning_modules.components.grpo import (
     zero_advantage_groups,
 )
 from omnilab.allowlist import check_import_path
+from omnilab.fsdp import run_in_root
 from omnilab.seeding import torch_generator
 from rewards.base import REF_KEY, RULES, CombinedReward, RewardError, per_reference
 
@@ -595,7 +599,8 @@ class GRPORollouts(Callback):
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
                 parts.append(
-                    pl_module.sample_with_logprob(
+                    run_in_root(
+                        trainer, pl_module, "sample_with_logprob",
                         refs[lo:hi], prompts[lo:hi], sizes[lo:hi], self.steps, None, train_steps, gens[lo:hi],
                         self.guidance, sde_steps,
                     )
@@ -647,7 +652,8 @@ class GRPORollouts(Callback):
         index = list(range(n))
         gens = [torch_generator(self.seed, "eval", k, device=pl_module.device) for k in keys]
         with torch.no_grad(), trainer.precision_plugin.val_step_context():
-            out = pl_module.sample_with_logprob(
+            out = run_in_root(
+                trainer, pl_module, "sample_with_logprob",
                 batch["refs"], list(batch["instruction"]), self._sizes(batch, index), self.eval_steps, 0.0, [],
                 gens, self.eval_guidance, None,
             )  # fmt: skip

@@ -24,7 +24,10 @@ json fields typed; exactly refs 0..n_refs-1 present (numeric order) and a target
 refs; no image name in the instruction beyond n_refs; every image at least `min_side` on its short side;
 the refs must fit the budget at `min_side` (`BudgetError`'s text is the reason). Then the refs are
 resized with `fit_to_budget(mode=budget_mode)` under the current reference budget, the target under
-`target_budget` (joint mode on [target]), bicubic with antialias, to floats in [-1, 1].
+`target_budget` (joint mode on [target]; edge mode with `budget_mode: edge`), or to the first reference's
+size with `target_like_ref` (UniPic 2.0: reference and target the same size), bicubic with antialias, to
+floats in [-1, 1]. Every sample carries `ref_pixel_cap`, the most reference pixels its rule can give at its
+budget (`budget.reference_capacity`): the packed length of a SELF model follows it, so no sample overflows.
 
 The live budget: the transform reads the reference budget from a one-element shared-memory tensor per
 sample, so `set_pixel_budget` in the main process reaches running DataLoader workers at once. With
@@ -48,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.budget import MODES, ROUNDINGS, BudgetError, fit_to_budget, tokens
+from datamodules.budget import MODES, ROUNDINGS, BudgetError, fit_to_budget, reference_capacity, tokens
 from datamodules.webdataset import IMAGE_EXTS, BadSample, SkipSample, WebDataModule
 
 MAX_REFS = 6  # UniPic-3: 1-6 input images
@@ -134,6 +137,7 @@ class MultiRefTransform:
     max_refs: int = MAX_REFS
     rounding: str = "floor"
     upscale: bool = False
+    target_like_ref: bool = False
     train: bool = True
     task_mix: tuple[tuple[str, float], ...] | None = None
     drop_text: float = 0.0
@@ -175,7 +179,13 @@ class MultiRefTransform:
         if budget > self.base_budget:  # the skip decision must not depend on a raised budget
             self.fit(sizes, self.base_budget, self.budget_mode)
         ref_sizes = self.fit(sizes, budget, self.budget_mode)
-        (target_size,) = self.fit([(target_img.shape[-1], target_img.shape[-2])], self.target_budget, "joint")
+        if self.target_like_ref and ref_sizes:
+            target_size = ref_sizes[0]
+        else:
+            target_mode = "edge" if self.budget_mode == "edge" else "joint"
+            (target_size,) = self.fit(
+                [(target_img.shape[-1], target_img.shape[-2])], self.target_budget, target_mode
+            )
         if self.train and self.drop_text > 0 and rng.random() < self.drop_text:
             instruction = ""
         return {
@@ -185,6 +195,7 @@ class MultiRefTransform:
             "task": task,
             "n_refs": n,
             "ref_budget": budget,
+            "ref_pixel_cap": reference_capacity(budget, self.budget_mode, self.max_refs),
             "meta": meta,
         }
 
@@ -202,6 +213,7 @@ def collate_multiref(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "ref_tokens": torch.tensor([tokens([(x.shape[-1], x.shape[-2]) for x in r]) for r in refs]),
         "target_tokens": torch.tensor([tokens([(t.shape[-1], t.shape[-2])]) for t in targets]),
         "ref_budget": torch.tensor([e["ref_budget"] for e in examples], dtype=torch.int64),
+        "ref_pixel_cap": torch.tensor([e["ref_pixel_cap"] for e in examples], dtype=torch.int64),
         "meta": [e["meta"] for e in examples],
         "__key__": [e.get("__key__", "") for e in examples],
     }
@@ -215,14 +227,15 @@ class MultiRefDataModule(WebDataModule):
 
     Batches (B samples) hold `refs`: list of B lists of [3, h, w] tensors in [-1, 1] (0..6 per sample,
     sizes differ), `target`: list of B [3, H, W] tensors, `instruction`, `task`: lists of B str,
-    `n_refs`, `ref_tokens`, `target_tokens` (16 px per token), `ref_budget`: int64 [B], `meta`: the B
+    `n_refs`, `ref_tokens`, `target_tokens` (16 px per token), `ref_budget`, `ref_pixel_cap`: int64 [B], `meta`: the B
     json dicts, `__key__`: B keys.
 
     Args:
         budget: Reference budget B (B² pixels for all refs together); the start of a PixelBudgetSchedule
             (UniRef: 1024, then 1536, 2048).
         target_budget: The target's own budget (UniPic-3: 1024).
-        budget_mode: How refs share the budget: "joint" (UniPic-3 / MICo / SELF), "equal", "independent"
+        budget_mode: How refs share the budget: "joint" (UniPic-3 / MICo / SELF), "edge" (UniPic 2.0: each
+            image's longer edge resized to B), "equal", "independent"
             (FLUX.2, Qwen-Plus) or "table" (OmniGen2); see datamodules/budget.py.
         multiple: Every side is a multiple of this (32: VAE /8 x 2x2 patch x 2 for the VLM copy).
         min_side: Shortest side of any resized image; smaller originals are skipped (counted). The generated
@@ -230,6 +243,8 @@ class MultiRefDataModule(WebDataModule):
         max_refs: Samples with more references are skipped (UniPic-3: 6).
         rounding: "floor" (the total never exceeds B², SELF's fixed length) or "round" (UniPic-3).
         upscale: Enlarge images to fill the budget (UniPic-3 does); off: never enlarge.
+        target_like_ref: Resize the target to its first reference's resized size (UniPic2-SD3.5M-Kontext needs
+            reference and target the same size); samples without a reference use `target_budget`.
         task_mix: Task-mixing ratio for joint SFT, e.g. {edit: 0.5, compose: 0.5}: training keeps a sample
             of task t with probability w_t / max(w), so the ratio reweights the stream's natural mix
             (kept share of t proportional to w_t times its frequency); a task not named is left out.
@@ -251,6 +266,7 @@ class MultiRefDataModule(WebDataModule):
         max_refs: int = MAX_REFS,
         rounding: str = "floor",
         upscale: bool = False,
+        target_like_ref: bool = False,
         task_mix: dict[str, float] | None = None,
         drop_text: float = 0.0,
         **kwargs: Any,
@@ -278,7 +294,7 @@ class MultiRefDataModule(WebDataModule):
             raise ValueError(f"data.drop_text must be in [0, 1), got {drop_text}")
         self.budget, self.target_budget, self.budget_mode = budget, target_budget, budget_mode
         self.multiple, self.min_side, self.max_refs = multiple, min_side, max_refs
-        self.rounding, self.upscale = rounding, upscale
+        self.rounding, self.upscale, self.target_like_ref = rounding, upscale, target_like_ref
         self.task_mix = tuple(sorted(task_mix.items())) if task_mix is not None else None
         self.drop_text = drop_text
         self._live_budget = torch.full((1,), budget, dtype=torch.int64).share_memory_()
@@ -307,6 +323,7 @@ class MultiRefDataModule(WebDataModule):
             max_refs=self.max_refs,
             rounding=self.rounding,
             upscale=self.upscale,
+            target_like_ref=self.target_like_ref,
             train=train,
             task_mix=self.task_mix,
             drop_text=self.drop_text,

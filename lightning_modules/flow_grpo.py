@@ -318,7 +318,7 @@ class FlowGRPO(FlowEdit):
                 )
             encoded = []
             for k, r in enumerate(ref_pixels):
-                cond: dict[str, Any] = {"refs": self.codec.encode(r) if r else []}
+                cond: dict[str, Any] = {"refs": self.codec(r) if r else []}
                 for prefix, text in texts.items():
                     cond[f"{prefix}hidden"], cond[f"{prefix}mask"] = text.hidden[k], text.mask[k]
                     if text.pooled is not None:
@@ -434,7 +434,7 @@ class FlowGRPO(FlowEdit):
             log_probs=log_probs,
             sigmas=sigmas[:, steps_idx],
             next_sigmas=sigmas[:, steps_idx + 1],
-            images=self.codec.decode(x),
+            images=self.codec(x, decode=True),
             guidance=guidance,
         )
 
