@@ -16,9 +16,10 @@ The data format: one sample is one correspondence pair (query mask in the source
 - `<key>.tgt.jpg`: the target RGB image.
 - `<key>.tgt_mask.png`: the answer mask, uint8 {0, 255}, at the target image's size (all zeros when
   invisible).
-- `<key>.tgt_gt.png` (optional; converted Ego-Exo4D shards have it): the official evaluation ground truth,
-  the native mask resized nearest to longest side 480. When absent it is derived from `tgt_mask` the same
-  way (`metrics.correspondence.resize_longest`).
+- `<key>.tgt_gt.png` (optional; converted shards have it): the evaluation ground truth. Ego-Exo4D's is the
+  native mask resized nearest to longest side 480 (the official evaluation's shape); HANDAL-X's is the
+  target mask at the frame's own size (CCMP scores HANDAL-X there). When absent it is derived from
+  `tgt_mask` as Ego-Exo4D's (`metrics.correspondence.resize_longest`).
 
 Training (§4): each view on its own, with its own draws: short side -> image_size + 1 (bilinear, masks too,
 so the mask targets are soft in [0, 1]: CCMP's `dataloader.py` resizes both with cv2.INTER_LINEAR), an
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.webdataset import BadSample, SkipSample, WebDataModule, expand_shards
-from metrics.correspondence import EVAL_LONGEST_SIDE, resize_longest
+from metrics.correspondence import EVAL_LONGEST_SIDE, eval_shape, resize_longest
 
 SETTINGS = ("ego-exo", "exo-ego", "ego-ego", "exo-exo")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,18 +157,25 @@ def gt_crop_box(gt_height: int, gt_width: int, canvas: int = EVAL_LONGEST_SIDE) 
     return (canvas - gt_height) // 2, (canvas - gt_width) // 2, gt_height, gt_width
 
 
-def prediction_to_gt(prob: Tensor, gt_crop: tuple[int, int, int, int] | Tensor) -> Tensor:
+def prediction_to_gt(
+    prob: Tensor, gt_crop: tuple[int, int, int, int] | Tensor, shape: tuple[int, int] | None = None
+) -> Tensor:
     """A [S, S] probability map -> the bool mask at the ground truth's shape (§4 test preprocessing).
 
     prob > 0.5, nearest resize (`nearest_resize`) to 480x480 (the padded square at the evaluation
-    resolution), then the crop `gt_crop` = (top, left, height, width) removes the padding.
+    resolution), then the crop `gt_crop` = (top, left, height, width) removes the padding; a ground truth
+    of another `shape` (HANDAL-X's, at the frame's size) gets the crop resized nearest to it, as CCMP's
+    `eval_handal.py` does.
     """
     if prob.ndim != 2 or prob.shape[0] != prob.shape[1]:
         raise ValueError(f"prediction_to_gt expects a square [S, S] map, got shape {tuple(prob.shape)}")
     top, left, height, width = (int(v) for v in gt_crop)
     binary = (prob.detach() > MASK_THRESHOLD).float()[None]
     full = nearest_resize(binary, (EVAL_LONGEST_SIDE, EVAL_LONGEST_SIDE))[0]
-    return full[top : top + height, left : left + width] > 0.5
+    cropped = full[top : top + height, left : left + width]
+    if shape is not None and tuple(shape) != (height, width):
+        cropped = nearest_resize(cropped, tuple(shape))
+    return cropped > 0.5
 
 
 # --------------------------------------------------------------------------- decoding
@@ -287,7 +295,7 @@ class CorrespondenceTransform:
             out["src"], out["src_mask"] = self._square(src, src_mask)
             out["tgt"], out["tgt_mask"] = self._square(tgt, tgt_mask)
             out["tgt_gt"] = self._ground_truth(sample, tgt_mask)
-            out["gt_crop"] = torch.tensor(gt_crop_box(*out["tgt_gt"].shape))
+            out["gt_crop"] = torch.tensor(gt_crop_box(*eval_shape(*tgt_mask.shape[-2:])))
         return out
 
     def _augment(
@@ -314,17 +322,21 @@ class CorrespondenceTransform:
         return normalize(img), square_nearest(mask, self.image_size)
 
     def _ground_truth(self, sample: dict[str, Any], tgt_mask: Tensor) -> Tensor:
-        """The official-resolution target mask: `tgt_gt.png`, else `tgt_mask` resized to longest side 480."""
-        derived = resize_longest(tgt_mask[0].numpy() > 0.5)
+        """The evaluation target mask: `tgt_gt.png` (at longest side 480, or at the target's own size), else
+        `tgt_mask` resized to longest side 480."""
         if "tgt_gt.png" not in sample:
-            return torch.from_numpy(np.ascontiguousarray(derived))
+            return torch.from_numpy(np.ascontiguousarray(resize_longest(tgt_mask[0].numpy() > 0.5)))
         gt = sample["tgt_gt.png"]
         if gt.ndim != 2:
             raise BadSample(f".tgt_gt.png must be a single-channel mask, got shape {gt.shape}")
-        if max(gt.shape) != EVAL_LONGEST_SIDE or any(abs(a - b) > 1 for a, b in zip(gt.shape, derived.shape)):
+        frame, scaled = tuple(tgt_mask.shape[-2:]), eval_shape(*tgt_mask.shape[-2:])
+        at_eval = max(gt.shape) == EVAL_LONGEST_SIDE and all(
+            abs(a - b) <= 1 for a, b in zip(gt.shape, scaled)
+        )
+        if not (at_eval or gt.shape == frame):
             raise BadSample(
-                f".tgt_gt.png is {gt.shape[0]}x{gt.shape[1]}, but the target image at longest side "
-                f"{EVAL_LONGEST_SIDE} is {derived.shape[0]}x{derived.shape[1]}"
+                f".tgt_gt.png is {gt.shape[0]}x{gt.shape[1]}, but the target image is {frame[0]}x{frame[1]} "
+                f"({scaled[0]}x{scaled[1]} at longest side {EVAL_LONGEST_SIDE})"
             )
         return torch.from_numpy(np.ascontiguousarray(gt > 127))
 

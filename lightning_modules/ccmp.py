@@ -346,7 +346,12 @@ class CCMP(L.LightningModule):
         # thresholding first is exact for any threshold: nearest resizing commutes with it
         binary = (torch.sigmoid(last.mask[:, 0].float()) > self.threshold).float()
         if "gt_crop" in batch:
-            masks = [prediction_to_gt(b, crop) for b, crop in zip(binary, batch["gt_crop"])]
+            shapes = (
+                [tuple(gt.shape) for gt in batch["tgt_gt"]] if "tgt_gt" in batch else [None] * len(binary)
+            )
+            masks = [
+                prediction_to_gt(b, crop, shape) for b, crop, shape in zip(binary, batch["gt_crop"], shapes)
+            ]
         else:
             masks = list(binary.bool())
         return masks, torch.sigmoid(last.cls.float())

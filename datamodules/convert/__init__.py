@@ -11,6 +11,7 @@ from typing import Any
 CONVERTERS: dict[str, str] = {
     "edit_jsonl": "datamodules.convert.edit_jsonl",
     "egoexo4d": "datamodules.convert.egoexo4d",
+    "handalx": "datamodules.convert.handalx",
     "mico150k": "datamodules.convert.mico150k",
 }
 
