@@ -392,7 +392,8 @@ class CCMP(L.LightningModule):
                     results = {"iou": results}
                 for name, value in results.items():
                     self.log(f"{split}/{group}/{name}", float(value))
-                ious.append(float(results["iou"]))
+                if math.isfinite(float(results["iou"])):  # nan: the group had no visible instance
+                    ious.append(float(results["iou"]))
             metric.reset()
             self._seen[split][group] = 0
         if ious:

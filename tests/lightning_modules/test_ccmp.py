@@ -455,3 +455,18 @@ def test_switching_a_trained_model_to_the_handalx_protocol_keeps_its_weights():
     assert results["test/iou"] == pytest.approx(
         sum(ious) / 2, abs=1e-6
     )  # one instance (take0/cup), two pairs
+
+
+def test_a_direction_without_visible_pairs_leaves_the_mean_iou_to_the_other():
+    # exo-ego holds one invisible pair: its IoU is nan (no visible instance), its VA is a number; the
+    # mean IoU over directions is then the ego-exo IoU, not nan (which would break checkpoint selection).
+    samples = eval_samples(["ego-exo", "exo-ego"])
+    samples[1]["visible"] = torch.tensor(0.0)
+    model = tiny_ccmp().eval()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (results,) = trainer.validate(model, DataLoader(samples, batch_size=1))
+    assert math.isnan(results["val/exo-ego/iou"]) and math.isfinite(results["val/exo-ego/va"])
+    assert results["val/iou"] == pytest.approx(results["val/ego-exo/iou"])
+    assert results["val/iou"] == pytest.approx(expected_ious(model, samples[:1])[0], abs=1e-6)
