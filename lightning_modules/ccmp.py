@@ -418,7 +418,7 @@ class CCMP(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """One record per pair (identifiers, binary mask in the GT shape, confidence); also fills the submission."""
         masks, confidence = self.predict_pairs(batch)
-        ids = ("__key__", "setting", "take", "object", "src_cam", "tgt_cam", "frame")
+        ids = ("__key__", "setting", "take", "object", "src_cam", "tgt_cam", "frame", "visible")
         keys = [k for k in ids if k in batch]
         records = [
             {**{k: batch[k][i] for k in keys}, "mask": mask.cpu(), "confidence": conf}
