@@ -134,17 +134,11 @@ def square_nearest(x: Tensor, size: int) -> Tensor:
     side = max(height, width)
     index = nearest_index(side, size)
     rows, cols = index - (side - height) // 2, index - (side - width) // 2
-    (r0, r1), (c0, c1) = (
-        (int(((rows < 0).sum())), int((rows < height).sum())),
-        (
-            int((cols < 0).sum()),
-            int((cols < width).sum()),
-        ),
-    )
+    r0, r1 = int((rows < 0).sum()), int((rows < height).sum())  # the rows that fall on the content
+    c0, c1 = int((cols < 0).sum()), int((cols < width).sum())
     out = x.new_zeros((*x.shape[:-2], size, size))
-    out[..., r0:r1, c0:c1] = x.index_select(-2, rows[r0:r1].to(x.device)).index_select(
-        -1, cols[c0:c1].to(x.device)
-    )
+    inside = x.index_select(-2, rows[r0:r1].to(x.device))
+    out[..., r0:r1, c0:c1] = inside.index_select(-1, cols[c0:c1].to(x.device))
     return out
 
 
