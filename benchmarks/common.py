@@ -110,4 +110,6 @@ def log_mlflow(name: str, metrics: dict[str, float]) -> None:
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("benchmarks")
     with mlflow.start_run(run_name=name, tags={"git_sha": git_sha(), "command": command_line()}):
-        mlflow.log_metrics({k.replace("%", "pct"): float(v) for k, v in metrics.items()})
+        # MLflow names: alphanumerics, _ - . space : / only
+        names = {k: re.sub(r"[^A-Za-z0-9_\-. :/]", "_", k.replace("%", "pct")) for k in metrics}
+        mlflow.log_metrics({names[k]: float(v) for k, v in metrics.items()})
