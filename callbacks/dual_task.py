@@ -4,10 +4,12 @@ Implements UniPic 2.0's Progressive Dual-Task Reinforcement (ABSTRACTS.md §9) a
 (shared/methods/rl_grpo_dmd.md §3 [inference]: "two sequential Flow-GRPO runs with different prompt sets and
 rewards, the second starting from the stage-1 weights"). The callback knows no method: it switches what the
 GRPO callback trains on through `SupportsStageSwitch` (callbacks/grpo.py's `GRPORollouts.set_stage`: the data
-tasks and the reward of the stage), the data through `SupportsTaskMix` when the datamodule offers it (else the
-GRPO callback's task filter alone picks the stage's samples), and, with `restart_adapter`, merges the stage's
-LoRA into the base weights and starts a fresh adapter through `SupportsAdapterRestart` (the default continues
-the same adapter, so stage 2 starts from stage 1's weights either way).
+tasks and the reward of the stage), the data through `SupportsTaskMix` when the datamodule offers it
+(`datamodules.multiref.MultiRefDataModule` does, in running workers too: a stage's batches then hold only its
+tasks, and the GRPO callback's task filter drops only what workers had made before a switch; without it the
+filter picks the stage's samples out of mixed batches and the others go unused), and, with `restart_adapter`,
+merges the stage's LoRA into the base weights and starts a fresh adapter through `SupportsAdapterRestart` (the
+default continues the same adapter, so stage 2 starts from stage 1's weights either way).
 
 A stage is {name, steps, tasks, reward}: `steps` optimizer steps (the last stage may give None: until the run
 ends), `tasks` the data tasks it trains on ("t2i", "edit", ...), `reward` the GRPO reward of the stage

@@ -62,7 +62,7 @@ from torch import Tensor
 from lightning_modules.components.grpo import (
     STD_SCOPES,
     STEP_MODES,
-    group_advantages,
+    gather_groups,
     trained_step_indices,
     zero_advantage_groups,
 )
@@ -285,6 +285,15 @@ def flat_groups(scores: Mapping[str, Tensor], keys: Sequence[str], group_ids: Te
     return flat
 
 
+def check_std_scope(rule: str, std_scope: str | None) -> None:
+    """Refuse a std_scope with a rule that normalises itself (it would be silently ignored)."""
+    if std_scope is not None and rule != "sum_then_normalize":
+        raise ValueError(
+            f"std_scope={std_scope!r} applies to rule 'sum_then_normalize' only: rule {rule!r} ends with its own "
+            "normalisation over the batch gathered from all processes (GDPO's), so leave std_scope unset"
+        )
+
+
 class GRPOSkipError(RuntimeError):
     """Too many rollout batches in a row were skipped (a reward or reward server keeps failing)."""
 
@@ -322,8 +331,10 @@ class GRPORollouts(Callback):
         steps_per_rollout: Training steps (batches) that consume one rollout, each on one slice of its kept
             trajectories; with the trainer's accumulate_grad_batches A that is steps_per_rollout / A optimizer
             steps per rollout (Flow-GRPO SD3: 2 optimizer steps).
-        std_scope: The advantage std (rule "sum_then_normalize"): "group", "batch" (Flow-GRPO SD3's
-            global_std; here the rank's rollout batch) or "none" (Dr. GRPO). The other rules normalise already.
+        std_scope: The advantage std of rule "sum_then_normalize": "group", "batch" (the default: Flow-GRPO
+            SD3's global_std, the std of the rewards gathered over all processes) or "none" (Dr. GRPO). The
+            other rules end with their own normalisation over the gathered batch (GDPO's), so they refuse a
+            std_scope: leave it unset.
         advantage_clip: Clip advantages to +-this (Flow-GRPO: 5); None: no clipping.
         guidance: Rollout CFG scale (None: the module's sampler default; 1: no-CFG rollouts and training).
         eval_guidance: CFG scale of the held-out samples (None: the module's sampler default).
@@ -353,7 +364,7 @@ class GRPORollouts(Callback):
         window: tuple[int, int] | None = None,
         window_size: int = 2,
         steps_per_rollout: int = 2,
-        std_scope: str = "batch",
+        std_scope: str | None = None,
         advantage_clip: float | None = 5.0,
         guidance: float | None = None,
         eval_guidance: float | None = None,
@@ -366,8 +377,9 @@ class GRPORollouts(Callback):
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule {rule!r} is not one of {', '.join(RULES)}")
-        if std_scope not in STD_SCOPES:
+        if std_scope is not None and std_scope not in STD_SCOPES:
             raise ValueError(f"std_scope {std_scope!r} is not one of {', '.join(STD_SCOPES)}")
+        check_std_scope(rule, std_scope)
         if train_steps not in STEP_MODES:
             raise ValueError(f"train_steps {train_steps!r} is not one of {', '.join(STEP_MODES)}")
         if (
@@ -430,6 +442,7 @@ class GRPORollouts(Callback):
         self.tasks = list(tasks) if tasks is not None else None
         if reward is not None:
             spec = {"weights": None, "rule": "sum_then_normalize", "use_min": False, **dict(reward)}
+            check_std_scope(spec["rule"], self.std_scope)
             self.reward = build_reward(
                 spec["rewards"], spec["weights"], spec["rule"], bool(spec["use_min"]), name="reward"
             )
@@ -517,44 +530,55 @@ class GRPORollouts(Callback):
         return out
 
     def _rollout(self, trainer: Trainer, pl_module: LightningModule, batch: Mapping[str, Any]) -> None:
-        """Sample, score and compute advantages; keep the trajectories to train on, or decide to skip."""
+        """Sample and score; gather the scores of all processes and compute the advantages; keep what trains."""
         step, rank = trainer.global_step, trainer.global_rank
         self.rollouts += 1
         index = self._prompts(batch)
         failed, reason = False, ""
-        rollout, advantages, keep = None, None, None
+        rollout, scores = None, None
         if not index:
             self.no_prompts += 1
             reason = "no prompt of the stage's tasks in the batch"
         else:
             try:
-                rollout, advantages, keep = self._sample_and_score(
-                    trainer, pl_module, batch, index, step, rank
-                )
+                rollout, scores = self._sample_and_score(trainer, pl_module, batch, index, step, rank)
             except RewardError as err:
                 failed, reason = True, f"{type(err).__name__}: {err}"
-        empty = keep is None or not bool(keep.any())
-        flags = torch.tensor([float(failed), float(empty)], device=pl_module.device)
-        flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        any_failed, any_empty = float(flags[0]) > 0, float(flags[1]) > 0
-        if any_failed or any_empty:
-            if any_failed:
-                self.skipped += 1
-                self.consecutive += 1
-                pl_module.print(
-                    f"step {step}: GRPO rollout batch skipped on all ranks ({reason or 'another rank failed'})"
+        any_failed = self._any(trainer, pl_module, failed)
+        keep = None
+        if not any_failed:  # every process is here: gather, then the advantages of the whole batch
+            all_scores, all_groups, mine = gather_groups(
+                scores or {}, len(index) if scores else 0, self.group_size
+            )
+            try:
+                advantages = self.reward.advantages(
+                    all_scores, all_groups, self.std_scope, self.advantage_clip
                 )
-                if self.consecutive >= self.max_consecutive_skips:
-                    raise GRPOSkipError(
-                        f"{self.consecutive} GRPO rollout batches in a row were skipped (last at step {step}: "
-                        f"{reason or 'a reward failed on another rank'}); stopping. Check the reward functions and "
-                        f"that the reward server answers within its timeout."
-                    )
-            elif index:  # (a batch without the stage's prompts is counted as no_prompts)
+            except RewardError as err:  # the same data on every process: every process lands here
+                any_failed, reason = True, f"{type(err).__name__}: {err}"
+            else:
+                if scores is not None:
+                    local_groups = all_groups[mine] - all_groups[mine][0]
+                    advantages, keep = self._keep(scores, advantages[mine], local_groups, step)
+        if any_failed:
+            self.skipped += 1
+            self.consecutive += 1
+            pl_module.print(
+                f"step {step}: GRPO rollout batch skipped on all ranks ({reason or 'another rank failed'})"
+            )
+            if self.consecutive >= self.max_consecutive_skips:
+                raise GRPOSkipError(
+                    f"{self.consecutive} GRPO rollout batches in a row were skipped (last at step {step}: "
+                    f"{reason or 'a reward failed on another rank'}); stopping. Check the reward functions and "
+                    f"that the reward server answers within its timeout."
+                )
+            return
+        if self._any(trainer, pl_module, keep is None or not bool(keep.any())):
+            if index:  # (a batch without the stage's prompts is counted as no_prompts)
                 self.empty += 1
             return
         self.consecutive = 0
-        rollout.advantages = advantages
+        rollout.advantages = advantages.to(pl_module.device)
         kept = torch.nonzero(keep).flatten().tolist()
         self._buffer = rollout.select(kept)
         n, u = len(kept), self.steps_per_rollout
@@ -565,6 +589,12 @@ class GRPORollouts(Callback):
             self._slices = [[k % n] for k in range(u)]
         self._pos = 0
 
+    @staticmethod
+    def _any(trainer: Trainer, pl_module: LightningModule, flag: bool) -> bool:
+        """Whether `flag` holds on any process (one all-reduce)."""
+        total = trainer.strategy.reduce(torch.tensor(float(flag), device=pl_module.device), reduce_op="sum")
+        return float(total) > 0
+
     def _sample_and_score(
         self,
         trainer: Trainer,
@@ -573,8 +603,8 @@ class GRPORollouts(Callback):
         index: list[int],
         step: int,
         rank: int,
-    ) -> tuple[Rollout, Tensor, Tensor]:
-        """(rollout, advantages [N], keep [N] bool) of G trajectories for each chosen prompt."""
+    ) -> tuple[Rollout, dict[str, Tensor]]:
+        """(rollout, checked reward scores) of G trajectories for each chosen prompt (this process's)."""
         g = self.group_size
         traj = [i for i in index for _ in range(g)]
         n = len(traj)
@@ -607,24 +637,23 @@ class GRPORollouts(Callback):
                 )  # fmt: skip
         rollout = Rollout.cat(parts)
         images = [img.detach().float().cpu() for img in rollout.images]
-        group_ids = torch.tensor([p for p, _ in enumerate(index) for _ in range(g)])
-        try:
-            scores = self.reward(images, prompts, [[r.cpu() for r in rs] for rs in refs], meta)
-            combined = self.reward.aggregate(scores, group_ids)
-            scope = self.std_scope if self.reward.rule == "sum_then_normalize" else "none"
-            advantages = group_advantages(combined, group_ids, scope, clip=self.advantage_clip)
-        except ValueError as err:  # e.g. a non-finite combined reward
-            raise RewardError(f"the rewards could not be combined into advantages: {err}") from err
+        scores = self.reward(images, prompts, [[r.cpu() for r in rs] for rs in refs], meta)
+        return rollout, scores
+
+    def _keep(
+        self, scores: Mapping[str, Tensor], advantages: Tensor, group_ids: Tensor, step: int
+    ) -> tuple[Tensor, Tensor]:
+        """(advantages with dropped groups zeroed, keep [N] bool) of this process's groups; records the stats."""
         keys = [k for k in scores if k.split("/", 1)[0] in self.reward.weights]
         sizes = torch.bincount(group_ids)
         singleton = sizes[group_ids] < 2
         drop = zero_advantage_groups(advantages, group_ids) | flat_groups(scores, keys, group_ids) | singleton
         advantages = torch.where(drop, 0.0, advantages)
-        groups, singles = len(index), int((sizes < 2).sum())
+        groups, singles = len(sizes), int((sizes < 2).sum())
         dropped = len(torch.unique(group_ids[drop]))
         self.singleton_groups += singles
         self.dropped_groups += dropped - singles
-        self.trajectories += n
+        self.trajectories += len(group_ids)
         level = reward_level(self.reward, scores)
         record = {
             "step": float(step),
@@ -642,7 +671,7 @@ class GRPORollouts(Callback):
         for key, value in record.items():
             if key != "step":
                 self._pending_log.setdefault(key, []).append(value)
-        return rollout, advantages.to(device), (~drop).to(device)
+        return advantages, ~drop
 
     # -- held-out evaluation
     def _evaluate_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:

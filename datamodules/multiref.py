@@ -38,10 +38,16 @@ of them), so the switch lands a few batches after the milestone. Every batch say
 were resized under (`ref_budget`). So that a resumed run replays its epoch's samples exactly, whether a
 sample is skipped for not fitting does not depend on raising the budget: it is judged at
 min(live budget, configured `budget`).
+
+The live task mix: the training task mix lives the same way in shared memory (`SharedTaskMix`, a small
+JSON buffer with a version counter), so `set_task_mix` (PDTR's stages through
+`callbacks.dual_task.SupportsTaskMix`) changes which tasks running workers keep, with the same lag of
+the batches they had made.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +127,61 @@ def gather_images(sample: dict[str, Any], n_refs: int, max_refs: int) -> tuple[l
     return [refs[k] for k in range(n_refs)], targets[0]
 
 
+# --------------------------------------------------------------------------- the live task mix
+
+
+def check_task_mix(mix: dict[str, float] | None, where: str = "data.task_mix") -> dict[str, float] | None:
+    """The mix as {task: float}, checked: non-empty, non-negative, one weight positive (None: keep all)."""
+    if mix is None:
+        return None
+    if not mix or any(not isinstance(t, str) or w < 0 for t, w in mix.items()) or max(mix.values()) <= 0:
+        raise ValueError(f"{where} {mix} must map tasks to non-negative weights, one of them positive")
+    return {str(t): float(w) for t, w in sorted(mix.items())}
+
+
+class SharedTaskMix:
+    """A task mix in shared memory: written in the main process, read by running DataLoader workers.
+
+    The mix is JSON in a uint8 buffer; an int64 version counter is odd while a write is in progress
+    (a seqlock), so a reader never parses half a write. Readers cache the parsed mix per version.
+    """
+
+    def __init__(self, mix: dict[str, float] | None = None, capacity: int = 4096) -> None:
+        self.buffer = torch.zeros(capacity, dtype=torch.uint8).share_memory_()
+        self.version = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._cache: tuple[int, dict[str, float] | None] = (-1, None)
+        self.write(mix)
+
+    def write(self, mix: dict[str, float] | None) -> None:
+        """Publish `mix` ({task: weight}, or None for every task) to every reader."""
+        data = json.dumps(check_task_mix(mix, "task mix")).encode()
+        if len(data) + 1 > len(self.buffer):
+            raise ValueError(f"task mix {mix} is too long ({len(data)} bytes) for the shared buffer")
+        self.version += 1  # odd: writing
+        self.buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.buffer[len(data)] = 0
+        self.version += 1  # even: done
+
+    def read(self) -> dict[str, float] | None:
+        """The current mix (the last complete write)."""
+        while True:
+            before = int(self.version[0])
+            if before == self._cache[0]:
+                return self._cache[1]
+            if before % 2:
+                continue
+            raw = self.buffer.numpy().tobytes()
+            if int(self.version[0]) == before:
+                self._cache = (before, json.loads(raw[: raw.index(0)]))
+                return self._cache[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "version": self.version}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.buffer, self.version, self._cache = state["buffer"], state["version"], (-1, None)
+
+
 # --------------------------------------------------------------------------- the transform
 
 
@@ -139,14 +200,22 @@ class MultiRefTransform:
     upscale: bool = False
     target_like_ref: bool = False
     train: bool = True
-    task_mix: tuple[tuple[str, float], ...] | None = None
+    task_mix: SharedTaskMix | tuple[tuple[str, float], ...] | None = None  # live (shared) or fixed
     drop_text: float = 0.0
-    _mix: dict[str, float] = field(init=False, repr=False)
+    _mix: SharedTaskMix = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        mix = dict(self.task_mix or ())
-        top = max(mix.values(), default=0.0)
-        object.__setattr__(self, "_mix", {task: w / top for task, w in mix.items()} if top > 0 else {})
+        mix = self.task_mix
+        if not isinstance(mix, SharedTaskMix):
+            mix = SharedTaskMix(dict(mix) if mix is not None else None)
+        object.__setattr__(self, "_mix", mix)
+
+    def keep_probability(self, task: str) -> float:
+        """The share of training samples of `task` kept under the current mix: w_task / max(w) (1 without a mix)."""
+        mix = self._mix.read()
+        if mix is None:
+            return 1.0
+        return mix.get(task, 0.0) / max(mix.values())
 
     def fit(self, sizes: list[tuple[int, int]], budget: int, mode: str) -> list[tuple[int, int]]:
         """`fit_to_budget` with this transform's settings; a budget that cannot hold them is a BadSample."""
@@ -161,8 +230,8 @@ class MultiRefTransform:
         """Transform one decoded sample; raises BadSample when it cannot be used, SkipSample to leave it out."""
         meta = sample_meta(sample["json"])
         task, n = meta["task"], meta["n_refs"]
-        if self.train and self._mix and rng.random() >= self._mix.get(task, 0.0):
-            raise SkipSample(f"task {task!r} thinned by data.task_mix")
+        if self.train and rng.random() >= self.keep_probability(task):
+            raise SkipSample(f"task {task!r} thinned by the task mix")
         refs, target = gather_images(sample, n, self.max_refs)
         instruction = meta["instruction"]
         beyond = [k for k in mentioned_images(instruction) if not 1 <= k <= n]
@@ -286,18 +355,15 @@ class MultiRefDataModule(WebDataModule):
             )
         if not 0 <= max_refs <= MAX_REFS:
             raise ValueError(f"data.max_refs must be in 0..{MAX_REFS}, got {max_refs}")
-        if task_mix is not None and (not task_mix or any(w < 0 for w in task_mix.values())):
-            raise ValueError(f"data.task_mix {task_mix} must map tasks to non-negative weights, one positive")
-        if task_mix is not None and max(task_mix.values()) <= 0:
-            raise ValueError(f"data.task_mix {task_mix} needs a positive weight")
+        check_task_mix(task_mix)
         if not 0.0 <= drop_text < 1.0:
             raise ValueError(f"data.drop_text must be in [0, 1), got {drop_text}")
         self.budget, self.target_budget, self.budget_mode = budget, target_budget, budget_mode
         self.multiple, self.min_side, self.max_refs = multiple, min_side, max_refs
         self.rounding, self.upscale, self.target_like_ref = rounding, upscale, target_like_ref
-        self.task_mix = tuple(sorted(task_mix.items())) if task_mix is not None else None
         self.drop_text = drop_text
         self._live_budget = torch.full((1,), budget, dtype=torch.int64).share_memory_()
+        self._live_mix = SharedTaskMix(task_mix)
 
     # -- the PixelBudgetSchedule protocol
     def set_pixel_budget(self, budget: int) -> None:
@@ -310,6 +376,16 @@ class MultiRefDataModule(WebDataModule):
     def pixel_budget(self) -> int:
         """The reference budget the transform uses now."""
         return int(self._live_budget[0])
+
+    # -- the DualTaskSchedule protocol (callbacks.dual_task.SupportsTaskMix)
+    def set_task_mix(self, mix: dict[str, float] | None) -> None:
+        """Keep a training sample of task t with probability mix[t] / max(mix) from now on, in running workers too."""
+        self._live_mix.write(mix)
+
+    @property
+    def task_mix(self) -> dict[str, float] | None:
+        """The training task mix the transform uses now (None: every task)."""
+        return self._live_mix.read()
 
     def transform(self, train: bool) -> MultiRefTransform:
         """The budgeted decode (train: with task mixing and text dropout), as a picklable callable."""
@@ -325,7 +401,7 @@ class MultiRefDataModule(WebDataModule):
             upscale=self.upscale,
             target_like_ref=self.target_like_ref,
             train=train,
-            task_mix=self.task_mix,
+            task_mix=self._live_mix,
             drop_text=self.drop_text,
         )
 
