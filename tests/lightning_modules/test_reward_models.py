@@ -1,0 +1,171 @@
+"""The reward models' losses and verdict rules against hand-worked values; the modules on tiny VLMs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.reward_models import (
+    Verdict,
+    VerdictError,
+    bt_loss,
+    bt_margin_loss,
+    format_verdict,
+    joint_loss,
+    parse_verdict,
+    pool_heads,
+    pq_score,
+    rao_kupper_loss,
+    sc_score,
+    spatial_reward,
+    uncertainty_bt_loss,
+    verdict_reward,
+)
+
+# --- preference losses -----------------------------------------------------------------------------------
+
+
+def test_bt_loss_is_log2_at_zero_and_log_one_plus_e_minus_one_at_one():
+    # -log σ(0) = log 2; -log σ(1) = log(1 + e^-1) = 0.3132617
+    assert bt_loss(torch.tensor([0.0])).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert bt_loss(torch.tensor([1.0])).item() == pytest.approx(0.3132617, abs=1e-6)
+    assert bt_loss(torch.tensor([0.0, 1.0])).item() == pytest.approx((0.6931472 + 0.3132617) / 2, abs=1e-6)
+
+
+def test_bt_margin_shifts_the_difference_by_the_margin():
+    # Δ = m gives -log σ(0) = log 2 (EditReward's constant margin 0.57)
+    assert bt_margin_loss(torch.tensor([0.57]), 0.57).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert bt_margin_loss(torch.tensor([1.57]), 0.57).item() == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_rao_kupper_tie_and_win_at_zero_difference_theta_five():
+    # θ = 5, Δ = 0: σ(-log 5) = 1/6, so P(A≻B) = 1/6 (L = log 6) and P(tie) = 24 / 36 = 2/3 (L = log 1.5);
+    # P(A) + P(B) + P(tie) = 1/6 + 1/6 + 2/3 = 1
+    delta = torch.zeros(2)
+    assert rao_kupper_loss(delta, torch.tensor([False, False]), 5.0).item() == pytest.approx(
+        math.log(6), abs=1e-6
+    )
+    assert rao_kupper_loss(delta, torch.tensor([True, True]), 5.0).item() == pytest.approx(
+        math.log(1.5), abs=1e-6
+    )
+    mixed = rao_kupper_loss(delta, torch.tensor([True, False]), 5.0).item()
+    assert mixed == pytest.approx((math.log(1.5) + math.log(6)) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="theta > 1"):
+        rao_kupper_loss(delta, torch.tensor([True, True]), 1.0)
+
+
+def test_uncertainty_bt_with_vanishing_sigma_is_plain_bt():
+    tiny = torch.tensor([-30.0])
+    loss = uncertainty_bt_loss(
+        torch.tensor([1.0]), tiny, torch.tensor([0.0]), tiny, 100, torch.Generator().manual_seed(0)
+    )
+    assert loss.item() == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_uncertainty_bt_matches_the_gaussian_expectation_and_a_fixed_generator_is_reproducible():
+    # z ~ N(Δ = 0.5, σ_A² + σ_B² = 0.5² + 1² = 1.25): E[softplus(-z)] by 80-point Gauss-Hermite quadrature
+    mu_a, mu_b = torch.tensor([0.5]), torch.tensor([0.0])
+    ls_a, ls_b = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([1.0]))
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    z = 0.5 + math.sqrt(1.25) * x
+    expected = float((w * np.logaddexp(0.0, -z)).sum() / math.sqrt(2 * math.pi))
+    loss = uncertainty_bt_loss(mu_a, ls_a, mu_b, ls_b, 200_000, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(expected, abs=5e-3)
+    assert expected > 0.3132617 + 0.1  # uncertainty raises the loss above BT at the mean difference
+    again = uncertainty_bt_loss(mu_a, ls_a, mu_b, ls_b, 1000, torch.Generator().manual_seed(7))
+    same = uncertainty_bt_loss(mu_a, ls_a, mu_b, ls_b, 1000, torch.Generator().manual_seed(7))
+    assert again.item() == same.item()
+
+
+def test_uncertainty_bt_gradient_reaches_both_mu_and_log_sigma():
+    mu = torch.tensor([0.3], requires_grad=True)
+    ls = torch.tensor([0.0], requires_grad=True)
+    uncertainty_bt_loss(
+        mu, ls, torch.zeros(1), torch.zeros(1), 500, torch.Generator().manual_seed(0)
+    ).backward()
+    assert mu.grad.item() < 0  # raising the preferred mean lowers the loss
+    assert ls.grad.item() > 0  # more uncertainty, more loss (for a positive margin)
+
+
+def test_joint_loss_is_pref_plus_lambda_lm():
+    assert joint_loss(torch.tensor(0.7), torch.tensor(2.0), 0.1).item() == pytest.approx(0.9)
+    assert joint_loss(torch.tensor(0.7), torch.tensor(2.0), 0.0).item() == pytest.approx(0.7)
+
+
+def test_pool_heads_is_elementwise_over_heads():
+    out = torch.tensor([[[1.0, -1.0], [3.0, 0.0]]])  # one sample, two heads, (μ, log σ)
+    assert pool_heads(out, "mean").tolist() == [[2.0, -0.5]]
+    assert pool_heads(out, "min").tolist() == [[1.0, -1.0]]
+    assert pool_heads(out, "sum").tolist() == [[4.0, -1.0]]
+    with pytest.raises(ValueError, match="pooling"):
+        pool_heads(out, "max")
+
+
+# --- SpatialReward -------------------------------------------------------------------------------------------
+
+
+def test_spatial_reward_hand_worked():
+    # SC = (0.6·20 + 0.4·10) / 2.5 = 6.4; PQ = (0.5·15 + 0.5·5) / 2.5 = 4
+    assert sc_score(20, 10) == pytest.approx(6.4)
+    assert pq_score(15, 5) == pytest.approx(4.0)
+    # R = 6.4^0.8 · 4^0.2 / 10 = e^(0.8 ln 6.4) e^(0.2 ln 4) / 10 = 4.415135 · 1.319508 / 10 = 0.582581
+    assert spatial_reward(6.4, 4.0) == pytest.approx(0.582581, abs=1e-5)
+    assert spatial_reward(sc_score(25, 25), pq_score(25, 25)) == pytest.approx(1.0)
+    assert spatial_reward(0.0, 10.0) == 0.0
+
+
+SC_TEXT = json.dumps(
+    {
+        "edit_region": [{"id": 0, "label": "star", "bbox_2d": [100, 200, 400, 600]}],
+        "reasoning": "<|bbox_0|> the star turned blue. <|global|> follows the instruction.",
+        "score": [20, 10],
+    }
+)
+PQ_TEXT = json.dumps({"reasoning": "natural", "score": [15, 5]})
+
+
+def test_a_valid_verdict_parses_and_round_trips_through_format():
+    sc = parse_verdict(SC_TEXT, "sc")
+    assert (
+        isinstance(sc, Verdict) and sc.scores == (20.0, 10.0) and sc.regions[0].bbox == (100, 200, 400, 600)
+    )
+    assert parse_verdict(format_verdict(sc), "sc") == sc
+    assert isinstance(parse_verdict(f"```json\n{SC_TEXT}\n```", "sc"), Verdict)  # one fenced block is fine
+    pq = parse_verdict(PQ_TEXT, "pq")
+    assert verdict_reward(sc, pq) == pytest.approx(0.582581, abs=1e-5)
+
+
+def test_format_without_boxes_drops_regions_and_citations():
+    text = format_verdict(parse_verdict(SC_TEXT, "sc"), boxes=False)
+    data = json.loads(text)
+    assert (
+        data["edit_region"] == [] and "<|bbox_" not in data["reasoning"] and "<|global|>" in data["reasoning"]
+    )
+    assert isinstance(parse_verdict(text, "sc"), Verdict)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("The edit looks fine, 20/25.", "not JSON"),
+        (SC_TEXT + " Hope this helps!", "not JSON"),
+        ('{"reasoning": "x", "score": [1, 2]}', "keys"),
+        (SC_TEXT.replace("[20, 10]", "[20]"), "two numbers"),
+        (SC_TEXT.replace("[20, 10]", "[30, 10]"), "outside"),
+        (SC_TEXT.replace("[20, 10]", '["20", 10]'), "two numbers"),
+        (SC_TEXT.replace("[20, 10]", "[NaN, 10]"), "not JSON"),
+        (SC_TEXT.replace("[100, 200, 400, 600]", "[100, 200, 1400, 600]"), "outside the 0-1000 grid"),
+        (SC_TEXT.replace("[100, 200, 400, 600]", "[400, 200, 100, 600]"), "inverted"),
+        (SC_TEXT.replace("<|bbox_0|>", "<|bbox_3|>"), "bbox_3"),
+        ("[1, 2]", "not an object"),
+    ],
+)
+def test_malformed_verdicts_are_error_values_with_a_reason(text, reason):
+    out = parse_verdict(text, "sc")
+    assert isinstance(out, VerdictError) and not out
+    assert reason in out.reason
+    assert math.isnan(verdict_reward(out, parse_verdict(PQ_TEXT, "pq")))
