@@ -169,3 +169,186 @@ def test_malformed_verdicts_are_error_values_with_a_reason(text, reason):
     assert isinstance(out, VerdictError) and not out
     assert reason in out.reason
     assert math.isnan(verdict_reward(out, parse_verdict(PQ_TEXT, "pq")))
+
+
+# --- the modules on tiny VLMs -------------------------------------------------------------------------------
+
+import lightning as L  # noqa: E402
+
+from lightning_modules.components.vlm import Conversation, build_vlm  # noqa: E402
+from lightning_modules.reward_models import (  # noqa: E402
+    LM_LORA_TARGETS,
+    JointRewardModel,
+    PreferenceRewardModel,
+    SpatialRewardModel,
+)
+
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}  # fmt: skip
+PROCESSOR = {"min_pixels": 28 * 28, "max_pixels": 28 * 28}
+
+
+def backbone(family: str = "qwen2_5_vl") -> dict:
+    text = {**TEXT, "head_dim": 16} if family == "qwen3_vl" else TEXT
+    side = 32 if family == "qwen3_vl" else 28  # one merged token per image
+    return {"family": family, "config": {"text_config": text}, "tokenizer": {"vocab_size": 512},
+            "image_processor": {"min_pixels": side * side, "max_pixels": side * side}}  # fmt: skip
+
+
+def flat(value: float, side: int = 28) -> torch.Tensor:
+    return torch.full((3, side, side), value)
+
+
+def pair_batch(n: int = 4, rationale: str | None = "The edit follows the instruction.") -> dict:
+    """Pairs where the chosen edit is bright and the rejected one dark (a preference the images show)."""
+    g = torch.Generator().manual_seed(n)
+    bright = [flat(0.5 + 0.4 * float(torch.rand(1, generator=g))) for _ in range(n)]
+    dark = [flat(-0.9 + 0.4 * float(torch.rand(1, generator=g))) for _ in range(n)]
+    return {
+        "sources": [[flat(0.0)] for _ in range(n)],
+        "instruction": ["Make it bright."] * n,
+        "chosen": bright,
+        "rejected": dark,
+        "tie": torch.zeros(n, dtype=torch.bool),
+        "chosen_rationale": [rationale] * n,
+        "rejected_rationale": [None] * n,
+        "chosen_verdict": [None] * n,
+        "rejected_verdict": [None] * n,
+    }
+
+
+def discriminative(cls=PreferenceRewardModel, **kw) -> PreferenceRewardModel:
+    torch.manual_seed(0)
+    model = cls(backbone=kw.pop("backbone", backbone()), rubrics={"a": "{instruction}", "b": "Quality: {instruction}"},
+                head_widths=(16, 8), head_dropout=0.0, mc_samples=16, lr=3e-3, special_token_lr=3e-3, **kw)  # fmt: skip
+    model.configure_model()
+    return model
+
+
+def train(model, batch, steps: int, lr: float = 3e-2) -> list[float]:
+    optimizer = torch.optim.AdamW([p for g in model.param_groups() for p in g["params"]], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_log(monkeypatch):
+    """`self.log` outside a Trainer is a no-op here (the modules log from their training steps)."""
+    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_discriminative_model_learns_a_preference_its_images_show(family):
+    model = discriminative(loss="bt", backbone=backbone(family))
+    batch = pair_batch(4)
+    losses = train(model, batch, 12)
+    assert losses[-1] < 0.5 * losses[0]
+    held = pair_batch(6)  # other brightness draws
+    with torch.no_grad():
+        good = model.score_edits(held["sources"], held["instruction"], held["chosen"])["score"]
+        bad = model.score_edits(held["sources"], held["instruction"], held["rejected"])["score"]
+    assert bool((good > bad).all())
+
+
+def test_the_reward_token_is_read_once_per_rubric_pass_and_its_embedding_offset_trains():
+    model = discriminative(loss="uncertainty")
+    batch = pair_batch(2)
+    conv = model.conversation(batch["sources"][0], "x", batch["chosen"][0], model.rubrics["a"])
+    ids = model.vlm.inputs([conv])["input_ids"]
+    assert int((ids == model.reward_token_id).sum()) == 1
+    model.training_step(batch, 0).backward()
+    assert model.token_offset.grad is not None and model.token_offset.grad.abs().sum() > 0
+    groups = {len(g["params"]): g["lr"] for g in model.param_groups()}
+    assert groups[1] == model.special_token_lr  # the offset is its own group
+
+
+def test_jrm_adds_lambda_times_the_rationale_loss_and_only_rationale_tokens_are_targets():
+    batch = pair_batch(2)
+    pref = discriminative(JointRewardModel, lm_weight=0.0, loss="bt").training_step(batch, 0)
+    joint_model = discriminative(JointRewardModel, lm_weight=0.5, loss="bt")
+    lm = joint_model.rationale_loss(batch)
+    assert joint_model.training_step(batch, 0).item() == pytest.approx(
+        pref.item() + 0.5 * lm.item(), rel=1e-5
+    )
+    # the rejected candidates have no rationale: only the 2 chosen conversations are language-modelled
+    conv = Conversation(
+        images=[flat(0.0), flat(0.5)], text="Explain.", answer="The edit follows the instruction."
+    )
+    inputs = joint_model.vlm.inputs([conv], with_answer=True)
+    labels = inputs["labels"][0]
+    assert (
+        joint_model.vlm.tokenizer.decode(labels[labels != -100])
+        == "The edit follows the instruction.<|im_end|>"
+    )
+    no_rationale = pair_batch(2, rationale=None)
+    assert joint_model.rationale_loss(no_rationale) is None
+    assert joint_model.training_step(no_rationale, 0).item() == pytest.approx(
+        discriminative(JointRewardModel, lm_weight=0.0, loss="bt").training_step(no_rationale, 0).item(),
+        rel=1e-5,
+    )
+
+
+SC = {"edit_region": [{"id": 0, "label": "box", "bbox_2d": [100, 100, 500, 500]}], "reasoning": "<|bbox_0|> ok. <|global|> good.", "score": [24, 23]}  # fmt: skip
+PQ = {"reasoning": "natural.", "score": [22, 21]}
+
+
+def spatial(**kw) -> SpatialRewardModel:
+    torch.manual_seed(0)
+    model = SpatialRewardModel(backbone=kw.pop("backbone", backbone()), sc_prompt="Judge: {instruction}", pq_prompt="Quality?", max_new_tokens=8, **kw)  # fmt: skip
+    model.configure_model()
+    return model
+
+
+def test_spatialreward_sft_fits_its_verdicts():
+    model = spatial()
+    batch = pair_batch(2)
+    batch["chosen_verdict"] = [{"sc": SC, "pq": PQ}] * 2
+    losses = train(model, batch, 8, lr=1e-2)
+    assert losses[-1] < 0.7 * losses[0]
+    batch["chosen_verdict"] = [None] * 2
+    with pytest.raises(ValueError, match="has none"):
+        model.training_step(batch, 0)
+
+
+def test_spatialreward_scores_parsed_verdicts_and_counts_unparsable_answers(monkeypatch):
+    model = spatial()
+    answers = iter([[json.dumps(SC), "The edit is fine!", json.dumps(PQ), json.dumps(PQ)]])
+    monkeypatch.setattr(model.vlm, "generate", lambda convs, n: next(answers))
+    out = model.score_edits([[flat(0.0)]] * 2, ["a", "b"], [flat(0.5), flat(0.2)])
+    # SC = (0.6·24 + 0.4·23) / 2.5 = 9.44; PQ = (22 + 21) / 2 / 2.5 = 8.6; R = 9.44^0.8 · 8.6^0.2 / 10
+    assert out["score"][0].item() == pytest.approx(9.44**0.8 * 8.6**0.2 / 10, rel=1e-6)
+    assert math.isnan(out["score"][1].item()) and math.isnan(out["sc"][1].item())
+    assert model.parse_failures == 1 and model.verdicts_seen == 4
+
+
+def test_the_paper_lora_targets_only_the_language_model_linear_layers():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    vlm = build_vlm(**backbone("qwen3_vl"))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=LM_LORA_TARGETS), vlm.model)
+    names = [n for n, _ in vlm.model.named_parameters() if "lora_A" in n]
+    assert names and all("language_model" in n for n in names)
+    assert {n.split(".")[-4] for n in names} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
