@@ -71,6 +71,17 @@ SCORE_RANGES = {  # (success, overediting, naturalness, artifacts): inclusive in
 }
 SIDES = (96, 160)  # scene sides in pixels (steps of 8)
 TIE_SHARE = 0.25  # of the 2-candidate items: two renderings of the correct edit, tied
+# the mini-replications' narrower items (benchmarks/reward_replication.py): flat backgrounds, two objects,
+# recolouring, two candidates; the kinds keep one semantic error (wrong region), one visual (artifacts)
+EASY: dict[str, Any] = {
+    "sides": (64, 64),
+    "photo_share": 0.0,
+    "objects": (2, 2),
+    "ops": ("recolor",),
+    "kinds": ("correct", "wrong_region", "artifacts", "no_edit"),
+    "candidates": (2,),
+    "tie_share": 0.0,
+}
 
 
 def grid_box(box: tuple[float, float, float, float], width: int, height: int) -> list[int]:
@@ -210,30 +221,46 @@ def _done(op: str, arg: Any) -> str:
     return DONE[op].format(arg=RESIZE_WORDS.get(arg, arg) if op == "resize" else arg)
 
 
-def make_item(rng: np.random.Generator, sides: tuple[int, int] = SIDES) -> dict[str, Any]:
-    """One preference item: instruction, source, candidates and their ground truth (see the module doc)."""
+def make_item(
+    rng: np.random.Generator,
+    sides: tuple[int, int] = SIDES,
+    photo_share: float = 0.8,
+    objects: tuple[int, int] = (2, 3),
+    ops: tuple[str, ...] = OPS,
+    kinds: tuple[str, ...] = KINDS,
+    candidates: tuple[int, ...] = (2, 3, 4),
+    tie_share: float = TIE_SHARE,
+) -> dict[str, Any]:
+    """One preference item: instruction, source, candidates and their ground truth (see the module doc).
+
+    The defaults are the embedded data's; the benchmarks narrow them (`EASY`): fewer operations, kinds,
+    objects or candidates, flat backgrounds.
+    """
     lo, hi = sides
     width, height = (8 * int(rng.integers(lo // 8, hi // 8 + 1)) for _ in range(2))
-    spec = random_background(rng, width, height, photo_share=0.8)
+    spec = random_background(rng, width, height, photo_share=photo_share)
     cells = [str(c) for c in rng.permutation(list(POSITIONS))]
-    things = _distinct_shapes(rng, int(rng.integers(2, 4)), flat=rng.random() < 0.5)
+    things = _distinct_shapes(rng, int(rng.integers(objects[0], objects[1] + 1)), flat=rng.random() < 0.5)
     scene = [
         Placed(t, cell_box(cells[i], width, height, t, float(rng.uniform(0.6, 0.85))), cells[i], i, "scene")
         for i, t in enumerate(things)
     ]
     target, other = (int(i) for i in rng.permutation(len(scene))[:2])
-    op = str(rng.choice(OPS))
+    op = str(rng.choice(list(ops)))
     arg = _draw_arg(op, scene[target], scene, rng)
     arg_other = _draw_arg(op, scene[other], scene, rng)
     source, _ = render(spec, width, height, scene)
 
-    k = int(rng.choice([2, 3, 4], p=[0.4, 0.3, 0.3]))
-    tie = k == 2 and rng.random() < TIE_SHARE
-    kinds = ["correct", "correct"] if tie else [str(x) for x in rng.choice(KINDS, size=k, replace=False)]
+    weights = np.array([{2: 0.4, 3: 0.3, 4: 0.3}.get(c, 0.3) for c in candidates])
+    k = int(rng.choice(list(candidates), p=weights / weights.sum()))
+    tie = k == 2 and rng.random() < tie_share
+    drawn = (
+        ["correct", "correct"] if tie else [str(x) for x in rng.choice(list(kinds), size=k, replace=False)]
+    )
     names = {"target": scene[target].thing.name, "other": scene[other].thing.name}
     candidates, records = [], []
     tie_scores = _scores("correct", rng) if tie else None
-    for index, kind in enumerate(kinds):
+    for index, kind in enumerate(drawn):
         regions: list[tuple[str, tuple[int, ...]]] = []
         if kind == "no_edit":
             image = source.copy()
@@ -310,12 +337,12 @@ def png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(split: str, index: int, seed: int) -> dict[str, Any]:
-    """Item `index` of `split` as shard members: deterministic in (seed, split, index)."""
+def make_sample(split: str, index: int, seed: int, **options: Any) -> dict[str, Any]:
+    """Item `index` of `split` as shard members: deterministic in (seed, split, index, options)."""
     from lightning_modules.reward_models import pq_score, sc_score, spatial_reward
 
-    rng = numpy_rng(seed, "synth-preference", split, index)
-    item = make_item(rng)
+    rng = numpy_rng(seed, "synth-preference", split, index, *(f"{k}={v}" for k, v in sorted(options.items())))
+    item = make_item(rng, **options)
     records = item["records"]
     rewards = [
         spatial_reward(sc_score(*r["verdict"]["sc"]["score"]), pq_score(*r["verdict"]["pq"]["score"]))
@@ -345,7 +372,7 @@ def make_sample(split: str, index: int, seed: int) -> dict[str, Any]:
     return sample
 
 
-def samples(split: str, count: int, seed: int) -> Iterator[dict[str, Any]]:
-    """`count` items of `split`, each deterministic in (seed, split, index)."""
+def samples(split: str, count: int, seed: int, **options: Any) -> Iterator[dict[str, Any]]:
+    """`count` items of `split`, each deterministic in (seed, split, index, options)."""
     for index in range(count):
-        yield make_sample(split, index, seed)
+        yield make_sample(split, index, seed, **options)

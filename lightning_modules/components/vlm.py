@@ -308,6 +308,7 @@ def build_vlm(
     load: dict[str, Any] | None = None,
     added_tokens: list[str] | None = None,
     extra_tokens: list[str] | None = None,
+    adapter: str | None = None,
 ) -> VisionLanguageModel:
     """A `VisionLanguageModel` of `family` from `pretrained` (hub id / hub-layout folder) or a random-init `config`.
 
@@ -320,7 +321,8 @@ def build_vlm(
     kwargs (e.g. `dtype`). `added_tokens`: special tokens added to the tokenizer (e.g. `<|Reward|>`);
     `extra_tokens`: ordinary (decoded) tokens added to an offline tokenizer, e.g. the JSON scaffolding of a
     verdict, which a 512-token vocabulary would otherwise spell out byte by byte (`config` only). The
-    model's embeddings grow to hold the added tokens.
+    model's embeddings grow to hold the added tokens. `adapter`: a peft LoRA adapter folder merged into
+    the weights after loading (e.g. a judge released as an adapter over its base model).
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -372,6 +374,10 @@ def build_vlm(
     embeddings = model.get_input_embeddings().weight.shape[0]
     if len(tok) > embeddings:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return VisionLanguageModel(model, tok, processor, family)

@@ -352,3 +352,54 @@ def test_the_paper_lora_targets_only_the_language_model_linear_layers():
         "up_proj",
         "down_proj",
     }
+
+
+def test_omnilab_test_on_a_benchmark_config_prints_and_logs_the_table(tmp_path, capsys, monkeypatch):
+    """`omnilab test` with a bench fragment: converted MER-Bench items, a checkpoint, the table printed and logged."""
+    import mlflow
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from omnilab.cli import main
+    from tests.datamodules.test_convert_preference import struct
+
+    monkeypatch.undo()  # the real `self.log` (the autouse fixture silences it for the unit tests above)
+    rows = [
+        {"pair_id": f"p{i}", "instruction": "add a hat", "original_image": struct(0), "edited_images": [struct(30 + i), struct(90), struct(150)]}
+        for i in range(3)
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "3pair.parquet")
+    main(
+        [
+            "data",
+            "convert",
+            "mer_bench",
+            "--input",
+            str(tmp_path / "3pair.parquet"),
+            "--out",
+            str(tmp_path / "mer"),
+        ]
+    )
+    model = discriminative()
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    ckpt = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["_class_path"] = "lightning_modules.reward_models.PreferenceRewardModel"  # as `omnilab fit` saves
+    torch.save(ckpt, tmp_path / "model.ckpt")
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2] / "experiments"
+    bb = json.dumps(backbone())
+    main(
+        ["test", "--config", str(repo / "_base" / "default.yaml"), "--config", str(repo / "editreward" / "tiny.yaml"),
+         "--config", str(repo / "_base" / "bench_mer_bench.yaml"), f"--data.init_args.data_dir={tmp_path / 'mer'}",
+         f"--model.init_args.backbone={bb}", "--model.init_args.rubrics={a: '{instruction}', b: 'Quality: {instruction}'}",
+         "--model.init_args.head_widths=[16, 8]", "--trainer.enable_progress_bar=false",
+         "--ckpt_path", str(tmp_path / "model.ckpt")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "### mer_bench" in out and "| 3 |" in out and "exact_match" in out
+    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["editreward"], output_format="list")
+    assert "test/mer_bench/exact_match" in run.data.metrics
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tables")]
+    assert artifacts == ["tables/test_benchmark.md"]
