@@ -385,7 +385,8 @@ def test_omnilab_test_on_a_benchmark_config_prints_and_logs_the_table(tmp_path, 
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     ckpt = torch.load(tmp_path / "model.ckpt", weights_only=True)
-    ckpt["hyper_parameters"]["_class_path"] = "lightning_modules.reward_models.PreferenceRewardModel"  # as `omnilab fit` saves
+    # `omnilab fit` saves the class path with the hyperparameters; `omnilab test --ckpt_path` reads it
+    ckpt["hyper_parameters"]["_class_path"] = "lightning_modules.reward_models.PreferenceRewardModel"
     torch.save(ckpt, tmp_path / "model.ckpt")
     repo = __import__("pathlib").Path(__file__).resolve().parents[2] / "experiments"
     bb = json.dumps(backbone())

@@ -270,7 +270,7 @@ def test_every_reward_the_rl_configs_name_builds_from_stand_in_weights_and_score
     for name in sorted(remote_specs(path)):
         spec, _, _ = serve_target(path, name)
         reward = build(_swap_weights(spec, weights))
-        if getattr(reward, "generative", False):  # a random judge writes no JSON: answer as a trained one would
+        if getattr(reward, "generative", False):  # a random judge writes no JSON: answer as a trained one
             verdicts = [json.dumps({"edit_region": [], "reasoning": "<|global|> ok", "score": [20, 20]})] * 2
             verdicts += [json.dumps({"reasoning": "ok", "score": [20, 20]})] * 2
             reward.model.vlm.generate = lambda convs, n, answers=verdicts: answers
