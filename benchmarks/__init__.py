@@ -15,4 +15,8 @@ BENCHMARKS: dict[str, str] = {
     "uniref_replication": "UniRef mini-replication: progressive vs full pixel budget; composition PSNR at 1/3/6 refs",
     "grpo_throughput": "Flow-GRPO: rollout images/s, rollout vs update share, 2-step window vs all steps, reference memory",
     "grpo_replication": "Flow-GRPO / MSGRPO / PDTR mini-replication: reward rise, per-reference rules, stage order",
+    "reward_replication": "JRM mini-replication: held-out pairwise accuracy of BT only vs JRM at several lambdas",
+    "spatialreward_replication": "SpatialReward mini-replication: verdicts with vs without edit-region boxes",
+    "reward_rl_replication": "GRPO on the tiny editing policy with BT, JRM and SpatialReward rewards: held-out redness",
+    "reward_throughput": "Reward models: head vs generative verdict pairs/s, MC-BT vs BT step, served vs in-process",
 }

@@ -103,9 +103,34 @@ class RewardModelReward(Reward):
         max_failure_fraction: float = 0.5,
         name: str = "reward_model",
     ) -> None:
+        self._setup(
+            load_reward_model(class_path, checkpoint, init_args),
+            output,
+            batch_size,
+            device,
+            max_failure_fraction,
+            name,
+        )
+
+    @classmethod
+    def from_module(cls, module: Any, **kwargs: Any) -> RewardModelReward:
+        """A reward around an already built (e.g. just trained) reward-model module."""
+        reward = cls.__new__(cls)
+        reward._setup(module, **kwargs)
+        return reward
+
+    def _setup(
+        self,
+        model: Any,
+        output: str = "score",
+        batch_size: int = 8,
+        device: str = "auto",
+        max_failure_fraction: float = 0.5,
+        name: str = "reward_model",
+    ) -> None:
         if batch_size < 1 or not 0 <= max_failure_fraction <= 1:
             raise ValueError("batch_size must be >= 1 and max_failure_fraction in [0, 1]")
-        self.model = load_reward_model(class_path, checkpoint, init_args).eval()
+        self.model = model.eval()
         self.device = resolve_device(device)
         self.model.to(self.device)
         self.output, self.batch_size, self.max_failure_fraction = output, batch_size, max_failure_fraction
