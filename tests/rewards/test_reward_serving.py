@@ -276,3 +276,28 @@ def test_every_reward_the_rl_configs_name_builds_from_stand_in_weights_and_score
             reward.model.vlm.generate = lambda convs, n, answers=verdicts: answers
         scores = reward(images, prompts, refs, meta)
         assert scores and all(v.shape == (2,) for v in scores.values()), name
+
+
+def test_serve_dry_run_prints_what_serves_an_experiment_reward_on_its_url_port(capsys):
+    from omnilab.cli import main
+
+    main(
+        [
+            "serve",
+            "reward",
+            "--config",
+            str(REPO / "experiments" / "uniref" / "msgrpo.yaml"),
+            "--reward",
+            "consistency",
+            "--dry-run",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["port"] == 8766 and out["host"] == "127.0.0.1"
+    assert out["serve"]["class_path"] == "rewards.reward_model.ImageSimilarity"
+    with pytest.raises(
+        SystemExit, match="pick one with --reward NAME.*consistency.*heldout_judge.*instruction"
+    ):
+        main(
+            ["serve", "reward", "--config", str(REPO / "experiments" / "uniref" / "msgrpo.yaml"), "--dry-run"]
+        )
