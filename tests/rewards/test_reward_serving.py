@@ -296,7 +296,7 @@ def test_serve_dry_run_prints_what_serves_an_experiment_reward_on_its_url_port(c
     assert out["port"] == 8766 and out["host"] == "127.0.0.1"
     assert out["serve"]["class_path"] == "rewards.reward_model.ImageSimilarity"
     with pytest.raises(
-        SystemExit, match="pick one with --reward NAME.*consistency.*heldout_judge.*instruction"
+        SystemExit, match=r"consistency, heldout_judge, instruction: pick one with --reward NAME"
     ):
         main(
             ["serve", "reward", "--config", str(REPO / "experiments" / "uniref" / "msgrpo.yaml"), "--dry-run"]
