@@ -354,6 +354,7 @@ def test_the_paper_lora_targets_only_the_language_model_linear_layers():
     }
 
 
+@pytest.mark.slow
 def test_omnilab_test_on_a_benchmark_config_prints_and_logs_the_table(tmp_path, capsys, monkeypatch):
     """`omnilab test` with a bench fragment: converted MER-Bench items, a checkpoint, the table printed and logged."""
     import mlflow

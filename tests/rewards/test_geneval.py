@@ -75,6 +75,7 @@ def tiny_geneval(**kw) -> GenEvalReward:
     return GenEvalReward(detector_config=TINY_DETECTOR, colour_config=TINY_CLIP, device="cpu", **kw)
 
 
+@pytest.mark.slow
 def test_the_reward_runs_end_to_end_and_is_nan_without_geneval_metadata():
     reward = tiny_geneval(threshold=0.0)
     images = [torch.rand(3, 48, 64) * 2 - 1 for _ in range(3)]
@@ -92,6 +93,7 @@ def test_the_reward_runs_end_to_end_and_is_nan_without_geneval_metadata():
     assert np.isfinite(out[:2].numpy()).all()
 
 
+@pytest.mark.slow
 def test_malformed_geneval_metadata_fails_the_batch_naming_it():
     with pytest.raises(RewardError, match="malformed"):
         tiny_geneval()([torch.zeros(3, 32, 32)], ["x"], [[]], [{"include": [{"count": 1}]}])

@@ -260,6 +260,7 @@ def _swap_weights(spec: dict, weights: dict[str, str]) -> dict:
     return spec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", RL_CONFIGS)
 def test_every_reward_the_rl_configs_name_builds_from_stand_in_weights_and_scores(config, tmp_path):
     from rewards.serving import build
