@@ -96,6 +96,19 @@ def test_joint_loss_is_pref_plus_lambda_lm():
     assert joint_loss(torch.tensor(0.7), torch.tensor(2.0), 0.0).item() == pytest.approx(0.7)
 
 
+def test_lm_loss_counts_only_labelled_tokens_shifted_by_one():
+    from lightning_modules.components.vlm import lm_loss
+
+    # position 0 predicts token 1 with uniform logits: -log(1/3) = 1.098612; position 1 predicts token 2 with
+    # logits [0, 0, ln 2]: -log(2/4) = 0.693147; position 2 predicts nothing (the sequence ends); label 0 is -100
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, math.log(2)], [5.0, -5.0, 0.0]]])
+    labels = torch.tensor([[-100, 1, 2]])
+    assert lm_loss(logits, labels).item() == pytest.approx((1.098612 + 0.693147) / 2, abs=1e-5)
+    assert lm_loss(logits, torch.tensor([[-100, -100, 2]])).item() == pytest.approx(0.693147, abs=1e-5)
+    with pytest.raises(ValueError, match="no labelled token"):
+        lm_loss(logits, torch.full((1, 3), -100))
+
+
 def test_pool_heads_is_elementwise_over_heads():
     out = torch.tensor([[[1.0, -1.0], [3.0, 0.0]]])  # one sample, two heads, (μ, log σ)
     assert pool_heads(out, "mean").tolist() == [[2.0, -0.5]]
