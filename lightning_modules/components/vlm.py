@@ -160,6 +160,12 @@ class VisionLanguageModel(nn.Module):
         """The dtype of the model's weights."""
         return next(self.model.parameters()).dtype
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the model, tokenizer and image processor in the hub's layout (`build_vlm(pretrained=folder)` reads it)."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+
     def vision(self, images: list[Tensor]) -> tuple[dict[str, Tensor], list[int]]:
         """(pixel_values + image_grid_thw, placeholder tokens per image) of a flat list of images."""
         if not images:
