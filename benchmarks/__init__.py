@@ -19,5 +19,9 @@ BENCHMARKS: dict[str, str] = {
     "mico_judge_replication": "VIEScore vs Weighted-Ref-VIEScore with a small trained local judge: rank agreement with exact quality",
     "fsdp_memory": "FSDP per block vs one unit on 2 CPU processes: peak memory per process, as ratios",
     "gpu": "the packed DiTs at full size on one GPU: step time, peak memory, tokens/s, MFU; attention paths",
+    "reward_replication": "JRM mini-replication: held-out pairwise accuracy of BT only vs JRM at several lambdas",
+    "spatialreward_replication": "SpatialReward mini-replication: verdicts with vs without edit-region boxes",
+    "reward_rl_replication": "GRPO on the tiny editing policy with BT, JRM and SpatialReward rewards: held-out redness",
+    "reward_throughput": "Reward models: head vs generative verdict pairs/s, MC-BT vs BT step, served vs in-process",
 }
 NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing

@@ -26,6 +26,8 @@ from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from rewards.remote import check_reward_servers
+
 
 class Stage(TypedDict, total=False):
     """One RL stage: its name, length in optimizer steps, data tasks and reward."""
@@ -142,7 +144,11 @@ class DualTaskSchedule(Callback):
         self._changed = True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Apply the current stage: stage 0 on a fresh run, the restored one (keeping its rollout) on resume."""
+        """Apply the current stage: stage 0 on a fresh run, the restored one (keeping its rollout) on resume.
+
+        Every stage's reward servers must answer now (a later stage's missing server would stop the run hours in).
+        """
+        check_reward_servers([spec.get("reward") for spec in self.stages])
         self._apply(trainer, fresh_rollout=not self._restored)
         self._last_step = None if not self._restored else self._last_step
         self._restored = False

@@ -70,6 +70,7 @@ from omnilab.allowlist import check_import_path
 from omnilab.fsdp import run_in_root
 from omnilab.seeding import torch_generator
 from rewards.base import REF_KEY, RULES, CombinedReward, RewardError, per_reference
+from rewards.remote import check_reward_servers
 
 ROLLOUT_KEY = "grpo_rollout"
 
@@ -459,7 +460,8 @@ class GRPORollouts(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Under DDP a restored mid-cycle rollout is rank 0's: drop it and roll out afresh."""
+        """Stop at once when a reward server does not answer; under DDP drop a restored mid-cycle rollout."""
+        check_reward_servers(self.reward, self.eval_reward)
         if trainer.world_size > 1 and self._buffer is not None:
             self._buffer, self._slices, self._pos = None, [], 0
 

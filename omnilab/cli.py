@@ -7,6 +7,7 @@
 - `omnilab compare --experiment <method>`: a table of runs and a PNG of their curves.
 - `omnilab bench [name ...]`: the benchmark scripts under benchmarks/.
 - `omnilab slurm --nodes N --gpus G [--dry-run] -- fit --config ...`: an sbatch script running srun.
+- `omnilab serve reward --config ... [--reward NAME]`: a reward served over HTTP (rewards/serving.py).
 
 README "Running an experiment": subclass mode for model and data, omegaconf parser mode, allowlisted class paths,
 the resolved config saved (overwriting) and logged, seed 0 unless set, the run named from the
@@ -385,7 +386,13 @@ def _slurm(argv: list[str]) -> None:
     print(submit(script, job, dry_run=args.dry_run))
 
 
-COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm}
+def _serve(argv: list[str]) -> None:
+    from rewards.serving import main as serve_main
+
+    serve_main(argv)
+
+
+COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -95,6 +95,20 @@ def _init_keys(init: Any) -> set[str] | None:
     return {p.name for p in params if p.name != "self" and p.kind is not p.VAR_POSITIONAL}
 
 
+# special-token and tying attributes every transformers config carries whether or not its class lists them
+# (transformers v5 dataclass configs keep unlisted keyword arguments as attributes)
+TRANSFORMERS_COMMON_KEYS = frozenset(
+    {
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "tie_word_embeddings",
+    }
+)
+
+
 def check_config_keys(config_class: type, config: Mapping[str, Any], where: str = "config") -> None:
     """ValueError naming the first key of `config` that `config_class` does not take (and the nearest one).
 
@@ -105,6 +119,8 @@ def check_config_keys(config_class: type, config: Mapping[str, Any], where: str 
     if valid is None:
         return
     valid |= set(getattr(config_class, "attribute_map", None) or {})
+    if hasattr(config_class, "sub_configs"):  # a transformers config
+        valid |= TRANSFORMERS_COMMON_KEYS
     subs = dict(getattr(config_class, "sub_configs", None) or {})
     valid |= set(subs)
     _unknown(config, valid, f"{where} ({config_class.__name__})")
