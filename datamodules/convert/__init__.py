@@ -12,6 +12,7 @@ CONVERTERS: dict[str, str] = {
     "edit_jsonl": "datamodules.convert.edit_jsonl",
     "egoexo4d": "datamodules.convert.egoexo4d",
     "mico150k": "datamodules.convert.mico150k",
+    "restoration": "datamodules.convert.restoration",
 }
 
 

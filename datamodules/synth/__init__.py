@@ -19,6 +19,7 @@ from datamodules.webdataset import ShardWriter, write_index
 GENERATORS: dict[str, str] = {
     "correspondence": "datamodules.synth.correspondence",
     "multiref": "datamodules.synth.multiref",
+    "restoration": "datamodules.synth.restoration",
 }
 
 
