@@ -277,7 +277,7 @@ class PURE(L.LightningModule):
         pretrained = self.backbone_spec.get("pretrained")
         default = {"kind": "chameleon", "vocab_size": 1024, "image_codes": codebook}
         self.tokenizer = load_tokenizer(
-            self.tokenizer_spec or (None if pretrained else default), "chameleon", pretrained
+            self.tokenizer_spec or (None if pretrained else default), "chameleon", pretrained, subfolder=""
         )
         self.layout = ImageTokenLayout.from_tokenizer(
             self.tokenizer, codebook, CELL_PIXELS // self.vq.downsample
@@ -285,7 +285,9 @@ class PURE(L.LightningModule):
         spec = dict(self.backbone_spec)
         if "config" in spec:
             spec["config"] = {"vocab_size": len(self.tokenizer), **spec["config"]}
-        kwargs = {"vocabulary_map": {}, "max_position_embeddings": self.hparams.max_seq_len}
+        kwargs: dict[str, Any] = {"vocabulary_map": {}, "max_position_embeddings": self.hparams.max_seq_len}
+        if "pretrained" in spec:
+            kwargs["dtype"] = torch.float32  # fp32 master weights; bf16 comes from the precision plugin
         self.lm = build_backbone(LuminaChameleon, **spec, **kwargs)
         if self.hparams.gradient_checkpointing:
             self.lm.gradient_checkpointing_enable()

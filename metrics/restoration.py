@@ -31,6 +31,7 @@ from torchmetrics.functional.image import (
 )
 
 Y_WEIGHTS = (65.481, 128.553, 24.966)  # BT.601, for RGB in [0, 1] (basicsr rgb2ycbcr)
+VIF_MIN_SIZE = 41
 
 
 def rgb_to_y(img: Tensor) -> Tensor:
@@ -56,8 +57,10 @@ def ssim_y(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def vif(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-image visual information fidelity on Y (pixel-domain VIF, torchmetrics), [B]."""
+    """Per-image visual information fidelity on Y (pixel-domain VIF, torchmetrics), [B]; NaN below 41 x 41 px."""
     y_pred, y_target = rgb_to_y(pred.float()), rgb_to_y(target.float())
+    if min(pred.shape[-2:]) < VIF_MIN_SIZE:  # its largest Gaussian window
+        return torch.full((len(pred),), float("nan"), device=pred.device)
     return torch.stack([visual_information_fidelity(p[None], t[None]) for p, t in zip(y_pred, y_target)])
 
 

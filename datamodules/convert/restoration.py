@@ -63,7 +63,10 @@ def read_captions(path: str | Path | None) -> dict[str, str]:
     text = Path(path).read_text()
     try:
         data: Any = json.loads(text)
-        rows = [{"image": k, "caption": v} for k, v in data.items()] if isinstance(data, dict) else data
+        if isinstance(data, dict) and not {"image", "file"} & set(data):  # {name: caption}
+            rows = [{"image": k, "caption": v} for k, v in data.items()]
+        else:  # a list of rows, or JSON lines that happen to be one row
+            rows = data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     out: dict[str, str] = {}
