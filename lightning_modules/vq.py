@@ -7,7 +7,8 @@ same architecture at a size a CPU trains in a minute, so this module trains one 
 (`quantizer_losses`, beta 0.25). LlamaGen also adds LPIPS and a PatchGAN discriminator; both need pretrained VGG
 weights that an offline CPU run does not have, so they are not here. A tiny codebook trained for a minute collapses
 onto a few entries; `restart_dead_codes_every` (off by default, not in LlamaGen) re-seeds the entries unused since
-the last restart with encoder outputs of the current batch, as VQ trainers commonly do (Dhariwal et al., Jukebox).
+the last restart with encoder outputs of the current batch (the worst-coded ones most likely, k-means++ style), as
+VQ trainers commonly do (Dhariwal et al., Jukebox).
 
 After fitting, the tokenizer is also written in the hub layout to `export_dir` (`save_pretrained`), which
 `LlamaGenVQModel.from_pretrained` and PURE's `vq: {pretrained: <dir>}` read; PURE's `init_vq_checkpoint` reads the
@@ -80,7 +81,8 @@ class VQTokenizer(L.LightningModule):
     def restart_dead_codes(self, z: Tensor, codes: Tensor) -> int:
         """Count this batch's codes; every `restart_dead_codes_every` steps re-seed the unused entries from `z`.
 
-        z [B, D, h, w] are the (normalised) encoder outputs; the new entries are chosen on rank 0 and broadcast, so
+        z [B, D, h, w] are the (normalised) encoder outputs, drawn with probability proportional to their squared
+        distance from the entry that codes them (k-means++ seeding); the new entries are chosen on rank 0 and broadcast, so
         every rank keeps the same codebook. Returns the number of entries re-seeded.
         """
         every, n = self.hparams.restart_dead_codes_every, self.vq.config.codebook_size
@@ -97,8 +99,10 @@ class VQTokenizer(L.LightningModule):
         if not len(dead):
             return 0
         pool = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        # k-means++-style: outputs drawn in proportion to their squared distance from the entry that codes them
+        error = ((pool - self.vq.quantize.codebook()[codes.flatten()]) ** 2).sum(-1).float().cpu() + 1e-12
         gen = torch.Generator(device="cpu").manual_seed(int(self.global_step))
-        pick = torch.randint(len(pool), (len(dead),), generator=gen).to(pool.device)
+        pick = torch.multinomial(error, len(dead), replacement=True, generator=gen).to(pool.device)
         rows = self.trainer.strategy.broadcast(pool[pick].clone(), src=0)
         self.vq.quantize.embedding.weight[dead] = rows.to(self.vq.quantize.embedding.weight)
         return len(dead)
