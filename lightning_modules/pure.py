@@ -449,6 +449,31 @@ class PURE(L.LightningModule):
             self.lm.train(was_training)
         return out
 
+    def restore_image(self, image: Any, sampling: Sampling | None = None, key: str = "image") -> Restoration:
+        """Restore one image (PIL or HxW[xC] array, 8- or 16-bit, grey, RGB or RGBA) as PURE's README does.
+
+        The input is made 8-bit RGB (`datamodules.restoration.rgb8`), bicubic-resized to `image_size` (128 -> 512 px
+        is x4) and restored. A ValueError names an input that cannot be read or is under 8 px a side (less than a
+        32 px grid cell at x4).
+        """
+        import numpy as np
+
+        from datamodules.restoration import rgb8
+        from datamodules.webdataset import BadSample
+
+        try:
+            array = rgb8(np.asarray(image), "input")
+        except BadSample as err:
+            raise ValueError(f"restore_image: {err}") from err
+        if min(array.shape[:2]) < CELL_PIXELS // 4:
+            raise ValueError(
+                f"restore_image: a {array.shape[0]}x{array.shape[1]} image is under {CELL_PIXELS // 4} px a side, "
+                f"less than one {CELL_PIXELS} px grid cell at x4"
+            )
+        size = self.hparams.image_size
+        lq = bicubic(torch.from_numpy(array).permute(2, 0, 1).float() / 255.0, (size, size))
+        return self.restore(lq[None].to(self.device), [key], sampling)[0]
+
     def _processors(self, prompt_length: int, grid: tuple[int, int], s: Sampling) -> LogitsProcessorList:
         """CFG -> structure -> entropy (or fixed) top-k, in PURE's order (temperature comes after, from HF)."""
         vocab = self.lm.config.vocab_size

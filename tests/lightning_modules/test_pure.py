@@ -209,6 +209,18 @@ def test_a_broken_generation_is_repaired_with_a_warning(model, monkeypatch):
     assert out.codes[0].tolist() == [0, 1, 2, 3] and any("missing row" in p for p in out.problems)
 
 
+def test_restore_image_reads_16_bit_grey_and_refuses_what_it_cannot_use(model):
+    import numpy as np
+
+    grey16 = (np.arange(16 * 12, dtype=np.uint16).reshape(16, 12) * 300).astype(np.uint16)
+    out = model.restore_image(grey16)
+    assert out.image.shape == (3, 32, 32) and out.problems == []
+    with pytest.raises(ValueError, match="float32 pixels"):
+        model.restore_image(np.zeros((16, 16), np.float32))
+    with pytest.raises(ValueError, match="under 8 px a side"):
+        model.restore_image(np.zeros((4, 40, 3), np.uint8))
+
+
 def test_an_image_smaller_than_a_grid_cell_is_a_clear_error(model):
     with pytest.raises(ValueError, match="smaller than one 32 px grid cell"):
         model.restore(torch.rand(1, 3, 16, 16))
