@@ -276,6 +276,12 @@ class PURE(L.LightningModule):
         codebook = self.vq.config.codebook_size
         pretrained = self.backbone_spec.get("pretrained")
         default = {"kind": "chameleon", "vocab_size": 1024, "image_codes": codebook}
+        if pretrained and Path(pretrained).is_dir() and not any(Path(pretrained).glob("tokenizer*.json")):
+            warnings.warn(
+                f"{pretrained} holds no tokenizer: using the offline Chameleon-style one ({codebook} image codes)",
+                stacklevel=2,
+            )
+            pretrained = None
         self.tokenizer = load_tokenizer(
             self.tokenizer_spec or (None if pretrained else default), "chameleon", pretrained, subfolder=""
         )

@@ -159,6 +159,13 @@ def test_paper_path_loads_bf16_hub_weights_and_the_tokenizer_beside_them(tmp_pat
     name = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(module.lm.state_dict()[name], lm.state_dict()[name].float())
     assert len(module.tokenizer) == len(tok) and module.layout.codebook_size == 32
+    for f in (tmp_path / "lm").glob("tokenizer*.json"):  # weights alone (a stand-in without its tokenizer)
+        f.unlink()
+    bare = PURE(
+        backbone={"pretrained": str(tmp_path / "lm")}, vq={"pretrained": str(tmp_path / "vq")}, image_size=32
+    )
+    with pytest.warns(UserWarning, match="holds no tokenizer"), pytest.raises(ValueError, match="LM's vocabulary"):
+        bare.configure_model()  # the offline tokenizer's ids do not fit these weights: said, not crashed on
 
 
 # --- restoring ----------------------------------------------------------------------------------------------
