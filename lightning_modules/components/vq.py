@@ -277,6 +277,10 @@ class LlamaGenVQModel(ModelMixin, ConfigMixin):
         self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim, codebook_l2_norm)
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
+        # No initial bias direction: with L2-normalised codes a bias that dominates the early encoder outputs maps
+        # every position to one direction, one code, and a short run never leaves that collapse. (Released weights
+        # overwrite this.)
+        nn.init.zeros_(self.quant_conv.bias)
 
     @property
     def downsample(self) -> int:
