@@ -244,6 +244,11 @@ class PURE(L.LightningModule):
             raise ValueError(f"answer parts {unknown} unknown; choose from {list(ANSWER_PARTS)}")
         if image_size % CELL_PIXELS:
             raise ValueError(f"image_size {image_size} must be a multiple of the {CELL_PIXELS} px grid cell")
+        unknown = sorted(set(sampling or {}) - set(Sampling.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"unknown sampling setting(s) {unknown}; choose from {sorted(Sampling.__dataclass_fields__)}"
+            )
         self.sampling = Sampling(**(sampling or {}))
         self.backbone_spec, self.vq_spec, self.tokenizer_spec = dict(backbone), dict(vq), tokenizer
         self.lm: LuminaChameleon | None = None

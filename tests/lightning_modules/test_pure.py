@@ -164,7 +164,10 @@ def test_paper_path_loads_bf16_hub_weights_and_the_tokenizer_beside_them(tmp_pat
     bare = PURE(
         backbone={"pretrained": str(tmp_path / "lm")}, vq={"pretrained": str(tmp_path / "vq")}, image_size=32
     )
-    with pytest.warns(UserWarning, match="holds no tokenizer"), pytest.raises(ValueError, match="LM's vocabulary"):
+    with (
+        pytest.warns(UserWarning, match="holds no tokenizer"),
+        pytest.raises(ValueError, match="LM's vocabulary"),
+    ):
         bare.configure_model()  # the offline tokenizer's ids do not fit these weights: said, not crashed on
 
 
@@ -226,6 +229,11 @@ def test_restore_image_reads_16_bit_grey_and_refuses_what_it_cannot_use(model):
         model.restore_image(np.zeros((16, 16), np.float32))
     with pytest.raises(ValueError, match="under 8 px a side"):
         model.restore_image(np.zeros((4, 40, 3), np.uint8))
+
+
+def test_a_mistyped_sampling_setting_is_named():
+    with pytest.raises(ValueError, match=r"unknown sampling setting\(s\) \['k_maximum'\]"):
+        PURE(backbone={"config": LM}, vq={"config": VQ}, sampling={"k_maximum": 10})
 
 
 def test_an_image_smaller_than_a_grid_cell_is_a_clear_error(model):
