@@ -23,5 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "spatialreward_replication": "SpatialReward mini-replication: verdicts with vs without edit-region boxes",
     "reward_rl_replication": "GRPO on the tiny editing policy with BT, JRM and SpatialReward rewards: held-out redness",
     "reward_throughput": "Reward models: head vs generative verdict pairs/s, MC-BT vs BT step, served vs in-process",
+    "pure_sampling": "PURE: entropy top-k vs fixed top-k cost per token, KV cache vs none, tokens/s vs weights roofline",
+    "pure_replication": "PURE mini-replication: entropy vs fixed top-k vs greedy; perceive-understand-restore vs restore-only",
 }
 NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing

@@ -20,6 +20,7 @@ CONVERTERS: dict[str, str] = {
     "mico150k": "datamodules.convert.mico150k",
     "mico_bench": "datamodules.convert.mico_bench",
     "mmrb2": "datamodules.convert.mmrb2",
+    "restoration": "datamodules.convert.restoration",
 }
 
 

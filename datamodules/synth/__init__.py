@@ -21,6 +21,7 @@ GENERATORS: dict[str, str] = {
     "mico": "datamodules.synth.mico",
     "multiref": "datamodules.synth.multiref",
     "preference": "datamodules.synth.preference",
+    "restoration": "datamodules.synth.restoration",
 }
 
 
