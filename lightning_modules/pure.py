@@ -296,10 +296,10 @@ class PURE(L.LightningModule):
         spec = dict(self.backbone_spec)
         if "config" in spec:
             spec["config"] = {"vocab_size": len(self.tokenizer), **spec["config"]}
-        kwargs: dict[str, Any] = {"vocabulary_map": {}, "max_position_embeddings": self.hparams.max_seq_len}
+        overrides = {"vocabulary_map": {}, "max_position_embeddings": self.hparams.max_seq_len}
         if "pretrained" in spec:
-            kwargs["dtype"] = torch.float32  # fp32 master weights; bf16 comes from the precision plugin
-        self.lm = build_backbone(LuminaChameleon, **spec, **kwargs)
+            spec["dtype"] = torch.float32  # fp32 master weights; bf16 comes from the precision plugin
+        self.lm = build_backbone(LuminaChameleon, **spec, overrides=overrides)
         if self.hparams.gradient_checkpointing:
             self.lm.gradient_checkpointing_enable()
         vocab = self.lm.config.vocab_size

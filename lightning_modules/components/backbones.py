@@ -149,9 +149,16 @@ def check_backbone(cls: type, spec: Mapping[str, Any]) -> None:
 
 
 def build_backbone(
-    cls: type[ModelT], pretrained: str | None = None, config: dict[str, Any] | None = None, **kwargs: Any
+    cls: type[ModelT],
+    pretrained: str | None = None,
+    config: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> ModelT:
     """`cls.from_pretrained(pretrained, **kwargs)`, or a random-init `cls` built from the `config` dict.
+
+    `kwargs` are the spec's loading keys (LOAD_KEYS); `overrides` are config attributes the calling code sets
+    on either path (e.g. a vocabulary size it derived), never taken from a user's spec.
 
     transformers models are built as `cls(cls.config_class(**config, **kwargs))`, diffusers models
     (no `config_class`) as `cls.from_config({**config, **kwargs})`. Exactly one of `pretrained` and
@@ -163,9 +170,10 @@ def build_backbone(
             f"{cls.__name__}: give exactly one of `pretrained` (hub id or local dir) and `config` (dict), "
             f"got pretrained={pretrained!r}, config={'given' if config is not None else None}"
         )
+    overrides = dict(overrides or {})
     if pretrained is not None:
-        return cls.from_pretrained(pretrained, **kwargs)
-    config = {**plain_config(config), **kwargs}
+        return cls.from_pretrained(pretrained, **kwargs, **overrides)
+    config = {**plain_config(config), **overrides, **kwargs}
     config_class = getattr(cls, "config_class", None)
     check_config_keys(config_class or cls, config)
     if config_class is not None:
