@@ -10,7 +10,7 @@ tokenizers sit in its `text_encoder*`/`tokenizer*` subfolders) or from a random-
   attended (SD3 uses no text mask). The tiny variant may have one CLIP and one T5.
 - `flux` (FLUX.1 Kontext; `FluxPipeline.encode_prompt`): pooled = the CLIP pooler output,
   hidden = the T5 states; no text mask.
-- `qwen` (Qwen-Image-Edit / UniPic 3.0 §Method / Qwen-MICo, methods/multiref_mico.md §1;
+- `qwen` (Qwen-Image-Edit / UniPic 3.0 §Method / Qwen-MICo, docs/methods/uniref.md;
   `QwenImageEditPlusPipeline._get_qwen_prompt_embeds`): Qwen2.5-VL reads the chat template with one
   `Picture k: <|vision_start|><|image_pad|><|vision_end|>` per reference before the instruction; the
   last hidden states of the valid tokens, less the first `drop_tokens` (64 for the real template,
