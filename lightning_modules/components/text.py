@@ -300,7 +300,7 @@ def build_text_encoder(
     def model(cls: type, folder: str, cfg: dict[str, Any] | None, tok: PreTrainedTokenizerBase) -> nn.Module:
         if pretrained is not None:
             return build_backbone(cls, pretrained=pretrained, subfolder=folder, **load)
-        return cls(cls.config_class(**_with_token_ids(cfg, tok)))
+        return build_backbone(cls, config=_with_token_ids(cfg, tok))  # keys checked against the config class
 
     if family == "sd3":
         n_clips = 2 if pretrained is not None else len(config.get("clip") or [])
@@ -352,7 +352,6 @@ def _build_qwen(
     """Qwen2.5-VL, its tokenizer and (unless `vision: false`) its image processor."""
     from transformers import (
         AutoImageProcessor,
-        Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLImageProcessorPil,
     )
@@ -384,8 +383,9 @@ def _build_qwen(
         ids = {
             f"{name}_token_id": tok.convert_tokens_to_ids(f"<|{token}|>") for name, token in specials.items()
         }
-        model = Qwen2_5_VLForConditionalGeneration(
-            Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **{**ids, **cfg})
+        model = build_backbone(  # keys checked against Qwen2_5_VLConfig and its text/vision configs
+            Qwen2_5_VLForConditionalGeneration,
+            config={"text_config": text_config, "vision_config": vision_config, **ids, **cfg},
         )
         defaults = {
             "patch_size": vision_config["patch_size"],
