@@ -18,7 +18,8 @@ point t of the teacher's `teacher_steps` grid and x_t = (1 - t) x0 + t eps (the 
 standing for the trajectory point at t); s = the end of t's student segment; the teacher takes one CFG ODE
 step t -> t' = max(next teacher sigma, s); the target is x_t' when t' = s, else the EMA student's jump
 x_t' + (s - t') v_ema(x_t'); the student's jump x_t + (s - t) v_theta(x_t) is pulled to it
-(`components.distill.consistency_loss`). The EMA is the `callbacks.ema.EMA` of the run (`EMA.applied`).
+(`components.distill.consistency_loss`). The EMA is the `callbacks.ema.EMA` of the run (`EMA.applied`); under FSDP the
+target is the stop-gradient student instead (`target: student`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -255,9 +256,34 @@ class TrajectoryMapping(FewStepDistill):
     """UniPic 3.0's consistency stage: the student's jumps to its grid points match the teacher's CFG trajectory.
 
     Args:
+        target: The network of the targets' jumps: "ema" (the run's `callbacks.ema.EMA` weights, swapped in for
+            a no-grad pass; not under FSDP, whose root parameters are gathered inside the step) or "student"
+            (the student itself under stop-gradient, improved consistency training's EMA-free target).
         **kwargs: `FewStepDistill`'s (teacher, init_checkpoint, teacher_guidance, teacher_steps,
             student_steps, ...) and FlowEdit's arguments.
     """
+
+    def __init__(self, target: Literal["ema", "student"] = "ema", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if target not in ("ema", "student"):
+            raise ValueError(f"target {target!r}: choose ema or student")
+        self.target = target
+
+    def on_fit_start(self) -> None:
+        """Refuse the EMA target where it cannot be swapped in (FSDP) or is missing."""
+        if self.target != "ema":
+            return
+        if self.ema_callback() is None:
+            raise ValueError(
+                "target: ema needs a callbacks.ema.EMA callback in trainer.callbacks (or target: student)"
+            )
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(getattr(self.trainer.strategy, "model", None), FullyShardedDataParallel):
+            raise ValueError(
+                "target: ema cannot swap the EMA weights in inside an FSDP step (the root's parameters are gathered "
+                "there): use target: student under FSDP"
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """One consistency update (module doc): L = ||f_θ(x_t) − sg(f_ema(x_t'))||² / (t − s)²."""
@@ -286,7 +312,7 @@ class TrajectoryMapping(FewStepDistill):
         reached = t_prime <= end
         target = list(x_prime)
         if not bool(reached.all()):
-            ema = self.ema_callback()
+            ema = self.ema_callback() if self.target == "ema" else None
             with torch.no_grad(), ema.applied(self) if ema is not None else contextlib.nullcontext():
                 v_ema = self.backbone(x_prime, refs, t_prime, text, max_tokens=max_tokens)
             target = [
