@@ -310,15 +310,15 @@ class TrajectoryMapping(FewStepDistill):
         v_teacher = self.teacher_velocity(x_t, refs, t, text, neg, max_tokens)
         x_prime = [flow.euler_step(x, v, a, b) for x, v, a, b in zip(x_t, v_teacher, t, t_prime)]
         reached = t_prime <= end
-        target = list(x_prime)
-        if not bool(reached.all()):
-            ema = self.ema_callback() if self.target == "ema" else None
-            with torch.no_grad(), ema.applied(self) if ema is not None else contextlib.nullcontext():
-                v_ema = self.backbone(x_prime, refs, t_prime, text, max_tokens=max_tokens)
-            target = [
-                xp if done else jump(xp, v, a, b)
-                for xp, v, a, b, done in zip(x_prime, v_ema, t_prime, end, reached.tolist())
-            ]
+        # the target network runs on every step (also when all samples reached their end: every rank must run
+        # the same passes under FSDP); a sample at its segment end keeps x_t'
+        ema = self.ema_callback() if self.target == "ema" else None
+        with torch.no_grad(), ema.applied(self) if ema is not None else contextlib.nullcontext():
+            v_ema = self.backbone(x_prime, refs, t_prime, text, max_tokens=max_tokens)
+        target = [
+            xp if done else jump(xp, v, a, b)
+            for xp, v, a, b, done in zip(x_prime, v_ema, t_prime, end, reached.tolist())
+        ]
         v = self.backbone(x_t, refs, t, text, max_tokens=max_tokens)
         pred = [jump(x, vi, a, b) for x, vi, a, b in zip(x_t, v, t, end)]
         loss = consistency_loss(pred, target, t, end)

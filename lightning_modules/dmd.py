@@ -148,8 +148,10 @@ class DMD(FewStepDistill):
         grad: bool,
     ) -> tuple[list[Tensor], Tensor]:
         """The student's clean samples by backward simulation: j no-grad steps of K, then x = x_s − s v_θ(x_s)."""
-        k = int(self.student_steps[int(torch.randint(len(self.student_steps), (1,), generator=gen))])
-        j = int(torch.randint(k, (1,), generator=gen)) if self.backward_simulation else 0
+        # K and j from a stream shared by all ranks: every rank runs the same number of DiT passes (FSDP gathers)
+        shared = torch_generator(self.seed, "dmd-rollout", self.global_step)
+        k = int(self.student_steps[int(torch.randint(len(self.student_steps), (1,), generator=shared))])
+        j = int(torch.randint(k, (1,), generator=shared)) if self.backward_simulation else 0
         x = [torch.randn(s, generator=gen).to(self.device) for s in shapes]
         tokens = [self.tokens(xi) for xi in x]
         grid = self.student_grid(k, tokens)
@@ -192,11 +194,15 @@ class DMD(FewStepDistill):
                     xi[None], flow.predicted_x0(xs, vr, si)[None], flow.predicted_x0(xs, vf, si)[None]
                 )
                 finite &= bool(torch.isfinite(g).all())
-                loss_g = loss_g + dmd_loss(xi[None], g) * (xi.numel() / total)
-            if finite:
-                self.manual_backward(loss_g)
+                loss_g = loss_g + dmd_loss(xi[None], torch.nan_to_num(g, 0.0, 0.0, 0.0)) * (
+                    xi.numel() / total
+                )
+            # every rank runs the backward (FSDP reduces in it); a non-finite gradient anywhere drops the update
+            self.manual_backward(loss_g)
+            if self._all(finite):
                 self.log("train/dmd_loss", loss_g.detach(), batch_size=n)
             else:
+                self._drop_grads(self.student_parameters())
                 skipped += 1
         # the critic: flow matching on the student's detached samples
         samples = [xi.detach().float() for xi in x]
@@ -208,9 +214,9 @@ class DMD(FewStepDistill):
         x_c = [flow.interpolate(xi, e, si) for xi, e, si in zip(samples, eps_c, sigma_c)]
         v_c = self.fake_score(x_c, refs, sigma_c, text)
         loss_c = flow_loss(v_c, [flow.velocity(xi, e) for xi, e in zip(samples, eps_c)])
-        if torch.isfinite(loss_c):
-            self.manual_backward(loss_c)
-        else:
+        self.manual_backward(loss_c)
+        if not self._all(bool(torch.isfinite(loss_c))):
+            self._drop_grads(self.critic_parameters())
             skipped += 1
         self._clip()
         optimizer.step()
@@ -231,6 +237,22 @@ class DMD(FewStepDistill):
         self.log("train/skips", float(self.skips), batch_size=n)
         self.log("train/student_update", float(update_student), batch_size=n)
         return loss_c.detach()
+
+    def _all(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (one decision for all, so all ranks skip together)."""
+        if self._trainer is None:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=True))
+
+    @staticmethod
+    def _drop_grads(params: list[torch.nn.Parameter]) -> None:
+        """Forget these gradients: AdamW leaves a parameter without one untouched (moments included)."""
+        for p in params:
+            p.grad = None
+
+    def student_parameters(self) -> list[torch.nn.Parameter]:
+        """The student's trainable parameters."""
+        return [p for p in self.backbone.parameters() if p.requires_grad]
 
     def _clip(self) -> None:
         """Clip the student's and the critic's gradient norms, each on its own (one global clip under FSDP)."""

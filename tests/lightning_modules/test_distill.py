@@ -235,8 +235,11 @@ def test_the_lora_critics_teacher_is_the_network_without_the_adapter():
 
 def test_a_diverging_critic_is_skipped_counted_then_stops_the_run(monkeypatch):
     model = build(DMD, critic_updates=1, max_consecutive_skips=2)
+    weight = next(model.critic.parameters())
     monkeypatch.setattr(
-        model.critic, "forward", lambda x, *a, **k: [torch.full_like(xi, float("nan")) for xi in x]
+        model.critic,
+        "forward",
+        lambda x, *a, **k: [torch.full_like(xi, float("nan")) + 0 * weight.sum() for xi in x],
     )
     before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     trainer = L.Trainer(**QUIET, max_steps=3)
