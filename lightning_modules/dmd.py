@@ -1,4 +1,4 @@
-"""Distribution matching distillation (DMD2) of UniPic 3.0's CFG teacher into a few-step student, manual optimization.
+"""Distribution matching distillation (DMD2) of UniPic 3.0's CFG teacher into a few-step student.
 
 UniPic 3.0 (arXiv 2601.15664, post-training; docs/methods/unipic3.md) finishes its 8-step student with
 distribution matching after trajectory mapping (`lightning_modules/consistency.py`): DMD 10k steps, batch 64,
@@ -16,10 +16,14 @@ lr 2e-6, teacher CFG 6. The loss is DMD2's (`components.distill.dmd_gradient` / 
 - two time-scale: the critic updates every step, the student every `critic_updates`-th step (DMD2: 5 for
   SDXL, 10 for SD1.5). A step that updates both computes the student's gradient with the critic's weights
   before the step, then the critic's on the same detached samples, and one optimizer step applies both
-  (AdamW leaves a parameter without gradient untouched): exactly DMD2's order, one `global_step` per iteration;
+  (AdamW leaves a parameter without gradient untouched): exactly DMD2's order, one `global_step` per iteration.
+  The two losses are summed into one backward: their gradients do not mix (the critic sees detached samples,
+  the DMD gradient uses no-grad teacher and critic passes), and one backward after the step's forward is what
+  FSDP supports (a manual backward inside the wrapped forward is refused by FSDP's handle states);
 - `critic_lora`: the critic is a LoRA on the teacher's own frozen weights, the teacher being that network
   with its adapter disabled, so two full DiTs fit instead of three (the student and the shared base);
-- a non-finite DMD gradient or critic loss skips that update and is counted (`train/skips`);
+- a non-finite DMD gradient or critic loss (on any rank) skips that part's update, its gradients dropped before
+  the optimizer step, and is counted (`train/skips`);
   `max_consecutive_skips` in a row stop the run with an error (a diverged critic);
 - an optional GAN head (DMD2's) is not built: `gan` other than None is refused.
 """
@@ -47,6 +51,9 @@ from omnilab.seeding import torch_generator
 
 class DMD(FewStepDistill):
     """DMD2 for a FlowEdit student: generator, frozen CFG teacher (real score), trainable critic (fake score).
+
+    The manual two-optimizer loop of DMD2 is expressed as one optimizer with a student and a critic parameter
+    group, stepped once per iteration (module doc).
 
     Args:
         critic_updates: Critic updates per student update (DMD2: 5 SDXL, 10 SD1.5).
@@ -82,7 +89,6 @@ class DMD(FewStepDistill):
         low, high = dmd_sigma_range
         if not 0 < low < high <= 1:
             raise ValueError(f"dmd_sigma_range {dmd_sigma_range}: need 0 < low < high <= 1")
-        self.automatic_optimization = False
         self.critic_updates, self.critic_lr, self.critic_lora = critic_updates, critic_lr, critic_lora
         self.dmd_sigma_range = (float(low), float(high))
         self.backward_simulation, self.grad_clip = backward_simulation, grad_clip
@@ -169,16 +175,14 @@ class DMD(FewStepDistill):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """One DMD iteration: the student's DMD update every `critic_updates`-th step, a critic update every step."""
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
         refs, x0_data, text, neg = self.condition(batch)
         shapes = [tuple(x.shape) for x in x0_data]
         n = len(shapes)
         gen = torch_generator(self.seed, "dmd", self.global_step, self.global_rank)
         update_student = self.global_step % self.critic_updates == 0
         x, _ = self.generate(refs, text, shapes, gen, grad=update_student)
-        optimizer.zero_grad(set_to_none=True)
-        skipped = 0
+        skipped, self._drop = 0, []
+        loss = x[0].new_zeros(())
         if update_student:
             low, high = self.dmd_sigma_range
             sigma = (low + (high - low) * torch.rand(n, generator=gen)).to(self.device)
@@ -198,11 +202,11 @@ class DMD(FewStepDistill):
                     xi.numel() / total
                 )
             # every rank runs the backward (FSDP reduces in it); a non-finite gradient anywhere drops the update
-            self.manual_backward(loss_g)
+            loss = loss + loss_g
             if self._all(finite):
                 self.log("train/dmd_loss", loss_g.detach(), batch_size=n)
             else:
-                self._drop_grads(self.student_parameters())
+                self._drop.append("student")
                 skipped += 1
         # the critic: flow matching on the student's detached samples
         samples = [xi.detach().float() for xi in x]
@@ -214,13 +218,10 @@ class DMD(FewStepDistill):
         x_c = [flow.interpolate(xi, e, si) for xi, e, si in zip(samples, eps_c, sigma_c)]
         v_c = self.fake_score(x_c, refs, sigma_c, text)
         loss_c = flow_loss(v_c, [flow.velocity(xi, e) for xi, e in zip(samples, eps_c)])
-        self.manual_backward(loss_c)
+        loss = loss + loss_c
         if not self._all(bool(torch.isfinite(loss_c))):
-            self._drop_grads(self.critic_parameters())
+            self._drop.append("critic")
             skipped += 1
-        self._clip()
-        optimizer.step()
-        scheduler.step()
         self.skips += skipped
         self._consecutive_skips = self._consecutive_skips + 1 if skipped else 0
         if self._consecutive_skips >= self.max_consecutive_skips:
@@ -233,10 +234,16 @@ class DMD(FewStepDistill):
             loss_c.detach() if torch.isfinite(loss_c) else torch.tensor(math.nan),
             batch_size=n,
         )
-        self.log("train/loss", loss_c.detach(), batch_size=n)
+        self.log("train/loss", loss.detach(), batch_size=n)
         self.log("train/skips", float(self.skips), batch_size=n)
         self.log("train/student_update", float(update_student), batch_size=n)
-        return loss_c.detach()
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a skipped (non-finite) part, then clip the student's and the critic's."""
+        for part in getattr(self, "_drop", []):
+            self._drop_grads(self.student_parameters() if part == "student" else self.critic_parameters())
+        self._clip()
 
     def _all(self, flag: bool) -> bool:
         """Whether `flag` holds on every rank (one decision for all, so all ranks skip together)."""
