@@ -50,7 +50,11 @@ QWEN_EDIT = Release(
 )
 UNIPIC3 = Release(
     "qwen_image_edit",
-    {"transformer": bf16, "vae": bf16, "text_encoder": bf16},  # as the Qwen-Image-Edit base (assumed, not checked)
+    {
+        "transformer": bf16,
+        "vae": bf16,
+        "text_encoder": bf16,
+    },  # as the Qwen-Image-Edit base (assumed, not checked)
     "the licence on the Skywork model card (not checked here), not gated",
 )
 RELEASES: dict[str, Release] = {
