@@ -70,10 +70,23 @@ QWEN_EDIT = Release(
 )
 ONE_FOLDER = frozenset({"transformers", "vlm", "lumina_chameleon", "llamagen_vq"})
 QWEN_VL = "Apache-2.0, not gated"
+UNIPIC3 = Release(
+    "qwen_image_edit",
+    {
+        "transformer": bf16,
+        "vae": bf16,
+        "text_encoder": bf16,
+    },  # as the Qwen-Image-Edit base (assumed, not checked)
+    "the licence on the Skywork model card (not checked here), not gated",
+)
 RELEASES: dict[str, Release] = {
     "Qwen/Qwen-Image-Edit-2511": QWEN_EDIT,
     "Qwen/Qwen-Image-Edit-2509": QWEN_EDIT,
     "Qwen/Qwen-Image-Edit": QWEN_EDIT,
+    # UniPic 3.0's teacher and its two 8-step students: QwenImageEditPlusPipeline folders like their base
+    "Skywork/Unipic3": UNIPIC3,
+    "Skywork/Unipic3-Consistency-Model": UNIPIC3,
+    "Skywork/Unipic3-DMD": UNIPIC3,
     "stabilityai/stable-diffusion-3.5-medium": Release(
         "sd3",
         # the MMDiT in bf16 (as its model card loads it); VAE, CLIP-L/G and T5-XXL files in fp16
