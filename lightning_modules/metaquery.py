@@ -383,6 +383,21 @@ class MetaQuery(FlowEdit):
         v_pred = self.backbone(x_sigma, refs, sig, text)
         return flow_loss(v_pred, [flow.velocity(x, e) for x, e in zip(x0, eps)])
 
+    def representation_loss(
+        self,
+        images: Sequence[Sequence[Tensor]],
+        prompts: Sequence[str],
+        targets: Sequence[Tensor],
+        *stream: int | str,
+    ) -> Tensor:
+        """UniMRG's generation of a representation of the image (pixels, depth, segmentation).
+
+        The image reaches the DiT only through the VLM and the queries (no Kontext reference): packed as a clean
+        reference, the DiT could copy it and the task would teach the VLM nothing (UniMRG conditions its generator
+        on the understanding encoder's features of the image).
+        """
+        return self.image_to_image_loss(images, prompts, targets, *stream, kontext=False)
+
     def understanding_loss(
         self, images: Sequence[Tensor], questions: Sequence[str], answers: Sequence[str]
     ) -> Tensor:

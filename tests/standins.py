@@ -28,7 +28,8 @@ bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 class Release:
     """How a hub release is laid out and stored.
 
-    layout: "qwen_image_edit" (a diffusers QwenImageEditPlusPipeline folder: transformer/, vae/, text_encoder/,
+    layout: "vlm" (a transformers VLM folder: config, safetensors, tokenizer and image processor files),
+        "qwen_image_edit" (a diffusers QwenImageEditPlusPipeline folder: transformer/, vae/, text_encoder/,
         tokenizer/, processor/, scheduler/), "sd3" (a StableDiffusion3Pipeline folder: transformer/, vae/,
         text_encoder/ + _2 (CLIP-L, CLIP-G with projection), text_encoder_3 (T5), tokenizer/ + _2 + _3,
         scheduler/) or "transformers" (one model folder: config.json + model.safetensors).
@@ -64,6 +65,9 @@ RELEASES: dict[str, Release] = {
         },
         "Stability AI Community License, gated (accept on the hub, then `huggingface-cli login`)",
     ),
+    # VLMs (lightning_modules/components/vlm.py): model, tokenizer and image processor in one folder, bf16 files
+    "Qwen/Qwen2.5-VL-7B-Instruct": Release("vlm", {"model": bf16}, "Apache-2.0, not gated"),
+    "Qwen/Qwen2.5-VL-3B-Instruct": Release("vlm", {"model": bf16}, "Qwen Research License, not gated"),
     "facebook/dinov3-vitl16-pretrain-lvd1689m": Release(
         "transformers",
         {"model": fp32},
@@ -116,7 +120,15 @@ def write_standin(hub_id: str, parts: dict[str, dict[str, Any]], root: Path) -> 
     if (folder / ".complete").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if entry.layout == "transformers":
+    if entry.layout == "vlm":
+        from lightning_modules.components.vlm import build_vlm
+
+        spec = parts["model"]
+        kwargs = {k: spec[k] for k in ("tokenizer", "image_processor", "extra_tokens") if spec.get(k)}
+        vlm = build_vlm(spec["family"], config=spec["config"], **kwargs)
+        vlm.model.to(entry.dtypes["model"])
+        vlm.save_pretrained(folder)
+    elif entry.layout == "transformers":
         cls = _import(entry.model_class)
         _save(cls(cls.config_class(**parts["model"]["config"])), folder, entry.dtypes["model"])
     else:

@@ -88,7 +88,7 @@ def standins(path: Path, root: Path) -> dict[str, dict[str, Any]]:
         if arg not in tiny:
             pytest.fail(f"{path}: the tiny experiment has no `config:` for the pretrained argument {arg!r}")
         entry = release(spec["pretrained"])
-        part = "model" if entry.layout == "transformers" else spec.get("subfolder") or "text"
+        part = "model" if entry.layout in ("transformers", "vlm") else spec.get("subfolder") or "text"
         parts.setdefault(spec["pretrained"], {})[part] = {"family": spec.get("family"), **tiny[arg]}
     folders = {hub: write_standin(hub, p, root) for hub, p in parts.items()}
     return {arg: {**spec, "pretrained": str(folders[spec["pretrained"]])} for arg, spec in pretrained.items()}
