@@ -25,8 +25,24 @@ def test_floor_disparity_runs_from_the_wall_at_the_horizon_to_the_near_row():
 def test_render_gives_each_object_its_own_disparity_and_id_and_the_nearer_one_occludes():
     size = 64
     bg = np.full((size, size, 3), 100, np.uint8)
-    far = {"shape": "square", "colour": "red", "cx": 30.0, "base": 40.0, "half": 6.0, "disparity": 1.6, "id": 1}
-    near = {"shape": "square", "colour": "blue", "cx": 34.0, "base": 44.0, "half": 6.0, "disparity": 2.0, "id": 2}
+    far = {
+        "shape": "square",
+        "colour": "red",
+        "cx": 30.0,
+        "base": 40.0,
+        "half": 6.0,
+        "disparity": 1.6,
+        "id": 1,
+    }
+    near = {
+        "shape": "square",
+        "colour": "blue",
+        "cx": 34.0,
+        "base": 44.0,
+        "half": 6.0,
+        "disparity": 2.0,
+        "id": 2,
+    }
     image, disparity, seg = scenes.render(bg, [near, far], size)  # given near first: drawing is far to near
     # (38, 34) lies in both squares: the near one wins
     assert seg[38, 34] == 2 and disparity[38, 34] == pytest.approx(2.0)
@@ -80,7 +96,12 @@ def test_segmentation_resize_is_nearest_so_colours_stay_exact():
 
 def test_a_sample_without_a_needed_depth_target_is_a_bad_sample_naming_it():
     sample = next(scenes.samples("val", 1, seed=0))
-    decoded = {"__key__": "k", "json": sample["json"], "image.png": sample["image.png"], "seg.png": sample["seg.png"]}
+    decoded = {
+        "__key__": "k",
+        "json": sample["json"],
+        "image.png": sample["image.png"],
+        "seg.png": sample["seg.png"],
+    }
     transform = SceneTransform(32, ("depth", "seg", "qa"), train=False, seed=0)
     with pytest.raises(BadSample, match=r"no \.depth member"):
         transform(decoded, numpy_rng(0))
