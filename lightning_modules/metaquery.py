@@ -506,7 +506,8 @@ class MetaQuery(FlowEdit):
 
 
 def log_accuracy(module: Any, batch: dict[str, Any], split: str) -> None:
-    """<split>/accuracy (and per question type) of `module.choose` over the batch's questions with options."""
+    """<split>/accuracy (and per question type) of `module.choose` over the batch's questions with options, and
+    <split>/chance_accuracy (uniform guessing over the same options), the baseline it must beat."""
     rows = [i for i, o in enumerate(batch.get("options") or []) if o]
     if not rows:
         return
@@ -517,6 +518,8 @@ def log_accuracy(module: Any, batch: dict[str, Any], split: str) -> None:
     )
     right = [float(batch["options"][i][p] == batch["answer"][i]) for i, p in zip(rows, picks)]
     module.log(f"{split}/accuracy", sum(right) / len(right), batch_size=len(right), sync_dist=True)
+    chance = chance_accuracy([batch["options"][i] for i in rows])
+    module.log(f"{split}/chance_accuracy", chance, batch_size=len(right), sync_dist=True)
     types: dict[str, list[float]] = {}
     for i, r in zip(rows, right):
         types.setdefault(batch["qa_type"][i] or "other", []).append(r)

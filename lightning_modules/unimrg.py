@@ -34,7 +34,7 @@ from omnilab.seeding import torch_generator
 REPRESENTATIONS = ("pixel", "depth", "seg")
 BATCH_KEY = {"pixel": "image", "depth": "depth", "seg": "seg"}
 PROMPTS = {
-    "pixel": "Reconstruct this image.",  # assumption: only the depth prompt is quoted in the notes
+    "pixel": "Reconstruct this image.",  # assumption: only the depth prompt is documented
     "depth": "Generate the depth map of this image.",  # UniMRG code
     "seg": "Generate the segmentation map of this image.",  # assumption, by analogy with depth
 }
