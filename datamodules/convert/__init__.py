@@ -21,6 +21,7 @@ CONVERTERS: dict[str, str] = {
     "mico_bench": "datamodules.convert.mico_bench",
     "mmrb2": "datamodules.convert.mmrb2",
     "restoration": "datamodules.convert.restoration",
+    "teachers": "datamodules.convert.teachers",
 }
 
 
