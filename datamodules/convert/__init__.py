@@ -22,6 +22,7 @@ CONVERTERS: dict[str, str] = {
     "mmrb2": "datamodules.convert.mmrb2",
     "restoration": "datamodules.convert.restoration",
     "teachers": "datamodules.convert.teachers",
+    "understanding_bench": "datamodules.convert.understanding_bench",
 }
 
 
