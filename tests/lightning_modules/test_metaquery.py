@@ -124,3 +124,21 @@ def test_joint_stage_trains_the_dit_and_the_configuration_is_checked():
         MetaQuery(**tiny_args(), trainable=["decoder"])
     with pytest.raises(ValueError, match="task_weights"):
         MetaQuery(**tiny_args(), task_weights={"caption": 1.0})
+
+
+def test_visual_grad_scale_scales_the_gradient_reaching_the_vision_tower():
+    grads = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = MetaQuery(**tiny_args(), trainable=["vlm"], visual_grad_scale=scale)
+        model.configure_model()
+        model.understanding_loss(images(1), ["How many objects are there?"], ["2"]).backward()
+        visual = model.vlm.model.model.visual
+        grads[scale] = torch.cat([p.grad.flatten() for p in visual.parameters() if p.grad is not None])
+        text_grad = model.vlm.model.lm_head.weight.grad
+        grads[f"lm{scale}"] = text_grad.clone()
+    # x·s + stop_grad(x)·(1 − s) rounds the forward value by an ulp, hence the tolerance; unscaled would be 10x off
+    assert torch.allclose(grads[0.1], 0.1 * grads[1.0], rtol=1e-2, atol=1e-7)
+    assert torch.allclose(
+        grads["lm0.1"], grads["lm1.0"], rtol=1e-2, atol=1e-7
+    )  # the language side is not scaled
