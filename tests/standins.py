@@ -34,7 +34,8 @@ bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 class Release:
     """How a hub release is laid out and stored.
 
-    layout: "qwen_image_edit" (a diffusers QwenImageEditPlusPipeline folder: transformer/, vae/, text_encoder/,
+    layout: "vlm" (a transformers VLM folder: config, safetensors, tokenizer and image processor files),
+        "qwen_image_edit" (a diffusers QwenImageEditPlusPipeline folder: transformer/, vae/, text_encoder/,
         tokenizer/, processor/, scheduler/), "sd3" (a StableDiffusion3Pipeline folder: transformer/, vae/,
         text_encoder/ + _2 (CLIP-L, CLIP-G with projection), text_encoder_3 (T5), tokenizer/ + _2 + _3,
         scheduler/), "transformers" (one model folder: config.json + model.safetensors), "vlm" (one
@@ -115,6 +116,9 @@ RELEASES: dict[str, Release] = {
     # preprocessor_config.json (Qwen2-VL image processor) in one folder
     "Qwen/Qwen2.5-VL-7B-Instruct": Release("vlm", {"model": bf16}, QWEN_VL, family="qwen2_5_vl"),
     "Qwen/Qwen3-VL-8B-Instruct": Release("vlm", {"model": bf16}, QWEN_VL, family="qwen3_vl"),
+    "Qwen/Qwen2.5-VL-3B-Instruct": Release(
+        "vlm", {"model": bf16}, "Qwen Research License, not gated", family="qwen2_5_vl"
+    ),
     # Assumed layout of nonwhy/PURE (read from github.com/nonwhy/PURE, not from the hub's file list): a Lumina-mGPT
     # folder that `ChameleonForConditionalGeneration.from_pretrained("nonwhy/PURE")` reads (inference_solver.py)
     # and that also holds the tokenizer (data/item_processor.py: `tokenizer="nonwhy/PURE"`); bf16 weights (a 7B
