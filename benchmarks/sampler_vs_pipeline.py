@@ -61,6 +61,10 @@ class CachedCodec(nn.Module):
         super().__init__()
         self.factor, self.channels, self.ref_latents = codec.factor, codec.channels, ref_latents
 
+    def forward(self, tensors: list[Tensor], decode: bool = False) -> list[Tensor]:
+        """FlowEdit calls its codec through forward (as LatentCodec: encode, or decode with decode=True)."""
+        return self.decode(tensors) if decode else self.encode(tensors)
+
     def encode(self, images: list[Tensor]) -> list[Tensor]:
         """The cached latents of the references."""
         return self.ref_latents
