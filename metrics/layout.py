@@ -281,39 +281,47 @@ class OpenVocabDetector(Detector):
             labels = [str(label) for label in result.get("text_labels", result.get("labels"))]
             names = [next((q for q in queries if q in label), label) for label in labels]
         else:
+            side = max(h, w)  # OWL pads the image to a square at the bottom / right: boxes on that square
             (result,) = self.processor.post_process_grounded_object_detection(
-                outputs, threshold=self.threshold, target_sizes=[(h, w)]
+                outputs, threshold=self.threshold, target_sizes=[(side, side)]
             )
             names = [queries[int(i)] for i in result["labels"]]
         out: dict[str, list[Detection]] = {}
         for name, score, box in zip(names, result["scores"].tolist(), result["boxes"].tolist()):
+            x0, y0, x1, y1 = (min(max(v, 0.0), s) for v, s in zip(box, (w, h, w, h)))
+            if x1 <= x0 or y1 <= y0:
+                continue
             for phrase in phrases:
                 if _article(phrase) == name:
-                    out.setdefault(phrase, []).append(Detection(phrase, float(score), tuple(box)))
+                    out.setdefault(phrase, []).append(Detection(phrase, float(score), (x0, y0, x1, y1)))
         return {k: sorted(v, key=lambda d: -d.score)[: self.max_per_phrase] for k, v in out.items()}
 
 
 def _tiny_owlv2(config: dict[str, Any]) -> tuple[Any, Any]:
-    """A random-init OWLv2 and its processor (offline CLIP tokenizer) from a config dict (tests)."""
-    from transformers import (
-        Owlv2Config,
-        Owlv2ForObjectDetection,
-        Owlv2ImageProcessor,
-        Owlv2Processor,
-    )
+    """A random-init OWLv2 and its processor from a config dict (tests).
+
+    The offline tokenizer is T5-style (its first token of a query is a word, id > 0): OWL treats a query whose
+    first id is 0 as padding, and the offline CLIP-style tokenizer starts every text with id 0.
+    """
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
 
     from lightning_modules.components.tokenizers import load_tokenizer
 
     cfg = dict(config)
     cfg.pop("model_type", None)
-    tokenizer = load_tokenizer(cfg.pop("tokenizer", None), "clip")
+    tokenizer = load_tokenizer(cfg.pop("tokenizer", None), "t5")
     image_kwargs = cfg.pop("image_processor", {})
-    text_config = {"vocab_size": len(tokenizer), **cfg.pop("text_config", {})}
+    ids = {
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text_config = {**ids, "bos_token_id": None, **cfg.pop("text_config", {})}
     vision_config = cfg.pop("vision_config", {})
     model = Owlv2ForObjectDetection(Owlv2Config(text_config=text_config, vision_config=vision_config, **cfg))
     size = int(model.config.vision_config.image_size)
     processor = Owlv2Processor(
-        image_processor=Owlv2ImageProcessor(size={"height": size, "width": size}, **image_kwargs),
+        image_processor=Owlv2ImageProcessorPil(size={"height": size, "width": size}, **image_kwargs),
         tokenizer=tokenizer,
     )
     return model, processor

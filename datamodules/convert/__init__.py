@@ -12,6 +12,8 @@ CONVERTERS: dict[str, str] = {
     "edit_jsonl": "datamodules.convert.edit_jsonl",
     "egoexo4d": "datamodules.convert.egoexo4d",
     "gedit_bench": "datamodules.convert.gedit_bench",
+    "gligen": "datamodules.convert.gligen",
+    "layoutgpt": "datamodules.convert.layoutgpt",
     "mico150k": "datamodules.convert.mico150k",
     "mico_bench": "datamodules.convert.mico_bench",
 }

@@ -23,7 +23,8 @@ inverted box (x1 < x0 or y1 < y0) has its corners swapped, a box with no area af
 duplicate (same phrase, same box) are dropped, and a bracket that is not four integers is dropped; each
 repair is logged as a warning and counted in `PlanStats` under its reason. With `repair=False` the first
 such problem raises `PlanError` naming it. Text with no box at all is refused (`PlanError`) either way.
-`write_layout` is the inverse: `parse_layout(write_layout(x)) == x` for every valid layout.
+`write_layout` is the inverse: `parse_layout(write_layout(x)) == x` for every valid layout whose caption holds
+its phrases in order.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ PAIRS = re.compile(r"^\s*\(" + NUMBER + "," + NUMBER + r"\)\s*,\s*\(" + NUMBER +
 CSS = re.compile(r"([^{}\n]+?)\s*\{([^{}]*)\}")
 CSS_PROPS = re.compile(r"(height|width|top|left)\s*:\s*(-?\d+(?:\.\d+)?)\s*(?:px)?", re.I)
 CSS_CANVAS = 64  # LayoutGPT's canvas side
-# a relation or joining word in front of a phrase: "... [box] to the left of a dog [box]" -> "a dog"
+# an edit verb, relation or joining word in front of a phrase: "... [box] to the left of a dog [box]" -> "a dog",
+# "add a red circle [box]" -> "a red circle"
 LEAD = re.compile(
-    r"^(?:(?:and|with|plus|then|while|next to|beside|near|behind|in front of|on top of|under(?:neath)?|"
+    r"^(?:(?:add|remove|erase|delete|make|put|place|move|insert|change|turn|replace|draw|paint|and|with|plus|then|while|next to|beside|near|behind|in front of|on top of|under(?:neath)?|"
     r"below|above|over|inside|on|in|at|(?:to the )?(?:left|right) of|on the (?:left|right) of|at the (?:top|bottom)"
     r"(?: (?:left|right))? of|and a|,|;|:)\s+)+",
     re.I,
@@ -134,14 +136,19 @@ def write_layout(layout: Layout | Iterable[Region], joiner: str = ", ") -> str:
     """The interleaved text of a layout: its caption with each phrase followed by its box.
 
     A `Layout` whose caption contains every phrase in order is written as that caption with the boxes put
-    after their phrases (so relation words survive: "a cat [..] left of a dog [..]"); bare regions (or a
-    caption that does not contain them) are written as "phrase [box]" items joined by `joiner`.
+    after their phrases (so relation words survive: "a cat [..] left of a dog [..]"; the further instances of
+    a phrase follow its first box: "two cats [..] [..]"); bare regions (or a caption that does not contain
+    them) are written as "phrase [box]" items joined by `joiner`.
     """
     regions = layout.regions if isinstance(layout, Layout) else tuple(layout)
     caption = layout.caption if isinstance(layout, Layout) else ""
-    out, pos = [], 0
+    out, pos, previous = [], 0, None
     for region in regions:
         at = caption.find(region.phrase, pos) if region.phrase else -1
+        if at < 0 and out and region.phrase == previous:  # another instance: "two cats [..] [..]"
+            out[-1] += " " + format_box(region.box)
+            continue
+        previous = region.phrase
         if at < 0:
             return joiner.join(f"{r.phrase} {format_box(r.box)}".strip() for r in regions)
         end = at + len(region.phrase)
