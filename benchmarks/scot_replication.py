@@ -51,7 +51,7 @@ from omnilab.seeding import numpy_rng
 
 VAE = {
     "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 16, "norm_num_groups": 8, "layers_per_block": 1,
+    "up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 16, "norm_num_groups": 1, "layers_per_block": 1,
 }  # fmt: skip
 BACKBONE = {
     "family": "sd3_kontext",
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=1024)
     parser.add_argument("--test", type=int, default=48)
     parser.add_argument("--side", type=int, default=32)
-    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae", type=Path, default=None, help="a VAE folder fitted before (skips the fit)")
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--no-record", action="store_true", help="print the table, leave RESULTS.md alone")
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        vae = fit_vae([t["target"] for t in train_items], root / "vae", args.vae_steps, 0)
+        vae = args.vae or fit_vae([t["target"] for t in train_items], root / "vae", args.vae_steps, 0)
         for seed in args.seeds:
             for arm in args.arms:
                 model = build(arm, vae, args, seed)

@@ -214,7 +214,7 @@ def make_edit(rng: np.random.Generator) -> tuple[str, list[np.ndarray], np.ndarr
     """An edit of a scene: add, remove or recolour one object; the instruction grounds where."""
     while True:
         _, placed, spec = make_scene(rng, "dense", 0.0)
-        source, placed = draw(spec, placed)
+        source, tight = draw(spec, placed)  # `placed` draws the objects, `tight` says where they show
         shapes = [(i, n) for i, (n, _) in enumerate(placed) if n not in PHOTO_OBJECTS]
         counts = {n: sum(1 for m, _ in placed if m == n) for n, _ in placed}
         op = str(rng.choice(["add", "remove", "recolour"]))
@@ -229,7 +229,7 @@ def make_edit(rng: np.random.Generator) -> tuple[str, list[np.ndarray], np.ndarr
                 continue
             target, after = draw(spec, [*placed, (name, box)])
             box = after[-1][1]
-            anchor_name, anchor_box = placed[int(rng.integers(len(placed)))]
+            anchor_name, anchor_box = tight[int(rng.integers(len(tight)))]
             rel = next((r for r in RELATIONS if r in relative_position(box, anchor_box)), None)
             if rel is None:
                 continue
@@ -247,7 +247,7 @@ def make_edit(rng: np.random.Generator) -> tuple[str, list[np.ndarray], np.ndarr
             i, name = [s for s in shapes if counts[s[1]] == 1][
                 int(rng.integers(len([s for s in shapes if counts[s[1]] == 1])))
             ]
-            grid = to_grid(placed[i][1], CANVAS, CANVAS)
+            grid = to_grid(tight[i][1], CANVAS, CANVAS)
             if op == "remove":
                 target, after = draw(spec, placed[:i] + placed[i + 1 :])
                 instruction, prompt = f"remove the {name} {format_box(grid)}", f"remove the {name}"
@@ -260,7 +260,7 @@ def make_edit(rng: np.random.Generator) -> tuple[str, list[np.ndarray], np.ndarr
                 instruction = f"make the {name} {format_box(grid)} {colour}"
                 prompt = f"make the {name} {colour}"
                 edit = {"op": op, "phrase": f"the {name}", "box": list(grid), "colour": colour}
-        source_layout = [{"phrase": article(n), "box": list(to_grid(b, CANVAS, CANVAS))} for n, b in placed]
+        source_layout = [{"phrase": article(n), "box": list(to_grid(b, CANVAS, CANVAS))} for n, b in tight]
         target_layout = [{"phrase": article(n), "box": list(to_grid(b, CANVAS, CANVAS))} for n, b in after]
         fields = {"task": "edit", "background": spec, "prompt": prompt, "edit": edit, "source_layout": source_layout, "target_layout": target_layout}  # fmt: skip
         return instruction, [source], target, fields
