@@ -26,7 +26,9 @@ def test_generated_samples_are_deterministic_and_their_plan_is_the_instruction()
         meta = make_sample("test", index, 0)["json"]
         assert parse_layout(meta["instruction"], repair=False).to_json() == meta["layout"]
         if meta["task"] == "t2i":  # the held-out test split: position and counting prompts only
-            assert meta["geneval"]["tag"] in ("position", "counting") and meta["prompt"].startswith("a photo of")
+            assert meta["geneval"]["tag"] in ("position", "counting") and meta["prompt"].startswith(
+                "a photo of"
+            )
         else:
             assert meta["n_refs"] == 1 and meta["edit"]["op"] in ("add", "remove", "recolour")
 
@@ -82,7 +84,10 @@ def test_batches_from_generated_shards_carry_the_plan(tmp_path):
 
 def test_interleave_puts_boxes_after_their_phrases_and_appends_the_rest():
     regions = [Region("a dog", (0, 0, 500, 500)), Region("a ball", (600, 600, 700, 700))]
-    assert interleave("A dog plays.", regions) == "A dog [0, 0, 500, 500] plays, with a ball [600, 600, 700, 700]"
+    assert (
+        interleave("A dog plays.", regions)
+        == "A dog [0, 0, 500, 500] plays, with a ball [600, 600, 700, 700]"
+    )
 
 
 def write_image(path, w, h):
@@ -96,14 +101,28 @@ def test_caption_box_converters_write_layout_shards_and_count_skips(tmp_path, fm
     write_image(images / "1.png", 200, 100)
     if fmt == "layoutgpt":
         records = [
-            {"id": 1, "prompt": "a dog left of a cat", "object_list": [["dog", [0.1, 0.2, 0.3, 0.5]], ["cat", [0.6, 0.2, 0.3, 0.5]]]},  # fmt: skip
+            {
+                "id": 1,
+                "prompt": "a dog left of a cat",
+                "object_list": [["dog", [0.1, 0.2, 0.3, 0.5]], ["cat", [0.6, 0.2, 0.3, 0.5]]],
+            },
             {"id": 2, "prompt": "a bird", "object_list": [["bird", [0.1, 0.1, 0.2, 0.2]]]},  # no image 2
             {"id": 1, "prompt": "broken", "object_list": [["x", [1, 2]]]},
         ]
     else:
         records = [
-            {"file_name": "1.png", "prompt": "a dog left of a cat", "phrases": ["dog", "cat"], "locations": [[0.1, 0.2, 0.4, 0.7], [0.6, 0.2, 0.9, 0.7]]},  # fmt: skip
-            {"file_name": "2.png", "prompt": "a bird", "phrases": ["bird"], "locations": [[0.1, 0.1, 0.3, 0.3]]},
+            {
+                "file_name": "1.png",
+                "prompt": "a dog left of a cat",
+                "phrases": ["dog", "cat"],
+                "locations": [[0.1, 0.2, 0.4, 0.7], [0.6, 0.2, 0.9, 0.7]],
+            },
+            {
+                "file_name": "2.png",
+                "prompt": "a bird",
+                "phrases": ["bird"],
+                "locations": [[0.1, 0.1, 0.3, 0.3]],
+            },
             {"file_name": "1.png", "prompt": "broken", "phrases": ["x", "y"], "locations": [[0, 0, 1, 1]]},
         ]
     (tmp_path / "boxes.json").write_text(json.dumps(records))
