@@ -21,6 +21,8 @@ GENERATORS: dict[str, str] = {
     "layout": "datamodules.synth.layout",
     "mico": "datamodules.synth.mico",
     "multiref": "datamodules.synth.multiref",
+    "preference": "datamodules.synth.preference",
+    "restoration": "datamodules.synth.restoration",
 }
 
 
