@@ -1,6 +1,6 @@
 """SCoT mini-replication: position and counting on held-out spatial prompts, text-only vs planner + layout-aware.
 
-SCoT's claim (ABSTRACTS.md §3; docs/methods/scot.md): a diffusion model trained on captions in the interleaved
+SCoT's claim (SCoT paper, arXiv 2602.11980; docs/methods/scot.md): a diffusion model trained on captions in the interleaved
 text-coordinate format, given an MLLM planner's layout, follows spatial requests that a text-only model misses.
 In miniature, on `omnilab data synth layout` scenes at 32 x 32 px (coloured shapes and real-photo objects with
 dense captions; text-to-image only), the tiny SD3-Kontext-style SCoT of experiments/scot/tiny.yaml is trained

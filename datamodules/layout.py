@@ -1,4 +1,4 @@
-"""Dense caption-box data for SCoT (ABSTRACTS.md §3): the multiref sample format plus the plan.
+"""Dense caption-box data for SCoT (SCoT paper, arXiv 2602.11980): the multiref sample format plus the plan.
 
 The layout data kind is `datamodules/multiref.py`'s format (0 refs for text-to-image, 1 for an edit) whose
 instruction is written in SCoT's interleaved text-coordinate format (lightning_modules/components/layout.py:

@@ -1,6 +1,6 @@
 """SCoT: layout-aware flow-matching generation and editing on an interleaved text-coordinate format.
 
-SCoT (Spatial Chain-of-Thought, ABSTRACTS.md §3; docs/methods/scot.md) makes a diffusion model layout-aware by
+SCoT (Spatial Chain-of-Thought, arXiv 2602.11980; docs/methods/scot.md) makes a diffusion model layout-aware by
 training it on captions in which every phrase is followed by its box (SCoT-DenseBox; our format:
 lightning_modules/components/layout.py), then lets an off-the-shelf MLLM write such a plan for a new request
 (lightning_modules/components/planners.py): the planner's spatial reasoning reaches the generator as text.

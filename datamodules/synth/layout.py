@@ -1,7 +1,7 @@
 """`omnilab data synth layout`: real-photo objects and coloured shapes at known boxes, with dense captions.
 
 Writes the layout data kind (datamodules/layout.py: the multiref sample format plus the plan): SCoT's dense
-caption-box data (ABSTRACTS.md §3) in miniature. A scene is a square canvas (`CANVAS` px) with a flat named
+caption-box data (SCoT paper, arXiv 2602.11980) in miniature. A scene is a square canvas (`CANVAS` px) with a flat named
 background (sometimes a crop of a real photo) and 1-4 objects that do not overlap, each at a known box:
 - real-photo objects: crops of the scikit-image photos (`photos.PHOTOS`: the astronaut, the cat Chelsea, the
   coffee cup, the rocket), drawn in an elliptical silhouette;

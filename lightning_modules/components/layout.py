@@ -1,6 +1,6 @@
 """SCoT's interleaved text-coordinate format: each phrase followed by its box, integers on a 0-1000 grid.
 
-SCoT (ABSTRACTS.md §3) trains the diffusion model on captions in which every grounded phrase is followed
+SCoT (SCoT paper, arXiv 2602.11980) trains the diffusion model on captions in which every grounded phrase is followed
 by its box and lets an MLLM planner write such a caption for a new prompt. The paper does not print its
 token format; we use the one Qwen2-VL and Qwen3-VL planners emit without conversion (docs/methods/scot.md):
 

@@ -1,4 +1,4 @@
-"""SCoT's planners (ABSTRACTS.md §3): a request in, a plan in the interleaved text-coordinate format out.
+"""SCoT's planners (SCoT paper, arXiv 2602.11980): a request in, a plan in the interleaved text-coordinate format out.
 
 One interface, `Planner.plan(prompts, meta) -> list[str]` (one plan text per prompt; `meta` is the sample's
 json, e.g. the source layout of an edit). The SCoT module parses each plan with
