@@ -320,6 +320,7 @@ def test_every_shipped_paper_config_is_collected():
         "jrm/paper",
         "spatialreward/paper",
         "pure/paper",
+        "scot/paper",
     }
     assert shipped <= ids, shipped - ids
     assert not any("tiny" in i for i in ids)
