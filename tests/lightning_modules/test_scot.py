@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from callbacks.images import draw_boxes
-from lightning_modules.components.layout import PlanStats
+from lightning_modules.components.layout import PlanStats, parse_layout
 from lightning_modules.components.packed_dit import TextConditioning
 from lightning_modules.components.planners import Planner, RulePlanner
 from lightning_modules.components.text import TextEncoder
@@ -129,3 +129,35 @@ def test_draw_boxes_outlines_the_box_and_leaves_the_rest():
     out = draw_boxes(image, [(0.2, 0.2, 0.6, 0.6)])
     assert out[:, 2, 2:6].eq(torch.tensor([1.0, -1.0, 1.0])[:, None]).all()  # top edge, rows 2, cols 2..5
     assert out[:, 4, 4].eq(0).all() and out[:, 8, 8].eq(0).all() and image.eq(0).all()
+
+
+def test_sample_grid_draws_the_layout_on_the_target_and_the_plan_on_the_sample_and_records_keep_the_plan():
+    model = tiny("inline", planner=RulePlanner(), eval_steps=2)
+    model.sampler["steps"] = 2
+    meta = {
+        "prompt": "a photo of a red circle left of a blue star",
+        "layout": [{"phrase": "a red circle", "box": [100, 100, 500, 500]}],
+        "geneval": {
+            "tag": "position",
+            "include": [
+                {"class": "red circle", "count": 1},
+                {"class": "blue star", "count": 1, "position": ["right of", 0]},
+            ],
+            "exclude": [],
+        },
+    }
+    batch = {"instruction": [PLAN], "refs": [[]], "target": [torch.zeros(3, 32, 32)], "meta": [meta], "__key__": ["k0"]}  # fmt: skip
+    plan = RulePlanner().plan([meta["prompt"]], [meta])[0]
+    ((refs, target, sample),) = model.sample_grid(batch, 4)
+    magenta = torch.tensor([1.0, -1.0, 1.0])
+    assert (
+        refs == [] and target[:, 3, 3].eq(magenta).all() and target[:, 8, 8].eq(0).all()
+    )  # [100, ..] of 32 px
+    x0, y0 = (int(v * 32 / 1000) for v in parse_layout(plan).regions[0].box[:2])
+    assert sample[:, y0, x0].eq(magenta).all()
+    (record,) = model.score_batch(batch, "test")
+    assert (
+        record["plan"] == plan
+        and record["key"] == "k0"
+        and set(record) >= {"miou", "box_hit", "position_acc"}
+    )
