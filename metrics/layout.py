@@ -220,8 +220,8 @@ class OpenVocabDetector(Detector):
     Args:
         pretrained: Weights (hub id or dir with its processor), e.g. google/owlv2-base-patch16-ensemble or
             IDEA-Research/grounding-dino-base; loaded on first use.
-        config: Or a random-init config dict for tests: {"model_type": "owlv2", ...} (with `tokenizer` and
-            `image_processor` kwargs).
+        config: Or a random-init config dict for tests: {"model_type": "owlv2" | "grounding-dino", ...} (with
+            `tokenizer` and `image_processor` kwargs).
         threshold: Box confidence kept (GenEval's 0.3).
         max_per_phrase: Instances kept per phrase (GenEval: 16).
         device: "cpu", "cuda", ...
@@ -258,7 +258,12 @@ class OpenVocabDetector(Detector):
             self.model = build_backbone(AutoModelForZeroShotObjectDetection, pretrained=self.pretrained)
             self.processor = AutoProcessor.from_pretrained(self.pretrained)
         else:
-            self.model, self.processor = _tiny_owlv2(self.config)
+            kind = self.config.get("model_type", "owlv2")
+            if kind not in TINY_DETECTORS:
+                raise ValueError(
+                    f"OpenVocabDetector config model_type {kind!r}: choose {', '.join(TINY_DETECTORS)}"
+                )
+            self.model, self.processor = TINY_DETECTORS[kind](self.config)
         self.model.eval().to(self.device)
 
     @torch.no_grad()
@@ -278,7 +283,9 @@ class OpenVocabDetector(Detector):
             (result,) = self.processor.post_process_grounded_object_detection(
                 outputs, inputs.input_ids, threshold=self.threshold, target_sizes=[(h, w)]
             )
-            labels = [str(label) for label in result.get("text_labels", result.get("labels"))]
+            labels = [
+                str(x) for x in (result["text_labels"] if "text_labels" in result else result["labels"])
+            ]
             names = [next((q for q in queries if q in label), label) for label in labels]
         else:
             side = max(h, w)  # OWL pads the image to a square at the bottom / right: boxes on that square
@@ -325,6 +332,51 @@ def _tiny_owlv2(config: dict[str, Any]) -> tuple[Any, Any]:
         tokenizer=tokenizer,
     )
     return model, processor
+
+
+def _tiny_grounding_dino(config: dict[str, Any]) -> tuple[Any, Any]:
+    """A random-init Grounding DINO (Swin image backbone, BERT text backbone) and its processor (tests).
+
+    `backbone_config` / `text_config` are SwinConfig / BertConfig kwargs; the offline T5-style tokenizer stands in
+    for BERT's (so the phrase of a box is read back only approximately: fine for a random model). Grounding DINO
+    needs d_model divisible by 32 (its GroupNorms) and at least 2 decoder layers (its tied box heads).
+    """
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    from lightning_modules.components.tokenizers import load_tokenizer
+
+    cfg = dict(config)
+    cfg.pop("model_type", None)
+    tokenizer = load_tokenizer(cfg.pop("tokenizer", None), "t5")
+    image_kwargs = cfg.pop("image_processor", {})
+    text = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        **cfg.pop("text_config", {}),
+    }
+    backbone = SwinConfig(**cfg.pop("backbone_config", {}))
+    model_config = GroundingDinoConfig(
+        backbone_config=backbone, text_config=BertConfig(**text), use_timm_backbone=False, **cfg
+    )
+    model = GroundingDinoForObjectDetection(model_config)
+    side = int(backbone.image_size)
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(
+            size={"shortest_edge": side, "longest_edge": side}, **image_kwargs
+        ),
+        tokenizer=tokenizer,
+    )
+    return model, processor
+
+
+TINY_DETECTORS = {"owlv2": _tiny_owlv2, "grounding-dino": _tiny_grounding_dino}
 
 
 # --------------------------------------------------------------------------- the scores of a batch

@@ -123,9 +123,22 @@ TINY_OWL = {
 }  # fmt: skip
 
 
-def test_open_vocab_detector_runs_from_config_and_from_pretrained(tmp_path):
+TINY_DINO = {
+    "model_type": "grounding-dino",
+    "backbone_config": {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 1],
+                        "window_size": 4, "out_indices": [1, 2]},
+    "text_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                    "max_position_embeddings": 64},
+    "d_model": 32, "encoder_layers": 1, "decoder_layers": 2, "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "num_queries": 10,
+    "num_feature_levels": 2, "encoder_n_points": 2, "decoder_n_points": 2, "max_text_len": 32,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [TINY_OWL, TINY_DINO], ids=["owlv2", "grounding-dino"])
+def test_open_vocab_detector_runs_from_config_and_from_pretrained(tmp_path, config):
     image = torch.zeros(3, 48, 64)
-    tiny = OpenVocabDetector(config=TINY_OWL, threshold=0.0, max_per_phrase=3)
+    tiny = OpenVocabDetector(config=config, threshold=0.0, max_per_phrase=3)
     found = tiny.detect(image, ["a red circle", "a blue star"])
     assert set(found) <= {"a red circle", "a blue star"} and found
     for phrase, boxes in found.items():
