@@ -7,8 +7,9 @@ counted: the sample then falls back to its request without a plan). Three planne
 - `ChatPlanner`: an MLLM behind an OpenAI-compatible endpoint through `omnilab.chat.ChatClient` (timeouts,
   retries, bounded concurrency, an on-disk cache); a failed request is counted and gives an empty plan.
   An edit's source image goes with the request.
-- `LocalVLMPlanner`: a transformers chat model (e.g. Qwen2.5-VL / Qwen3-VL Instruct) from a weights path,
-  prompted with the same planning prompt, greedy decoding; a tiny random-init one from `config` for tests.
+- `LocalVLMPlanner`: a local Qwen2.5-VL / Qwen3-VL Instruct through `components.vlm.build_vlm` (the suite's
+  one VLM builder) from a weights path, the same planning prompt (and an edit's source image), greedy
+  decoding; a tiny random-init one from `config` for tests.
 - `RulePlanner`: exact plans for the generated scenes' requests (`omnilab data synth layout`): "a photo of a
   red circle left of a blue star", "a photo of three green stars", "add a red circle right of the blue star",
   "remove the blue star", "make the green square yellow".
@@ -92,78 +93,74 @@ class ChatPlanner(Planner):
 
 
 class LocalVLMPlanner(Planner):
-    """A transformers chat model as the planner, greedy decoding of the planning prompt.
+    """A local VLM as the planner (`components.vlm.build_vlm`: Qwen2.5-VL / Qwen3-VL), greedy answers to the prompt.
+
+    An edit's source image goes with its request, as with `ChatPlanner`.
 
     Args:
-        pretrained: Weights (hub id or dir with its tokenizer / processor), e.g. Qwen/Qwen2.5-VL-7B-Instruct.
-        config: Or a random-init `Qwen2Config` dict (tests), with a `tokenizer` spec (`load_tokenizer`).
+        family: "qwen2_5_vl" or "qwen3_vl".
+        pretrained: Weights (hub id or a folder in the hub's layout), e.g. Qwen/Qwen3-VL-8B-Instruct.
+        config: Or a random-init config dict (tests), with `tokenizer` (an offline tokenizer spec).
+        image_processor: Image processor kwargs (`min_pixels`, `max_pixels`, ...).
+        load: Extra `from_pretrained` kwargs (e.g. `dtype`).
         max_new_tokens: Longest plan.
+        batch_size: Requests per `generate` call.
         device: "cpu", "cuda", ...
     """
 
     def __init__(
         self,
+        family: str = "qwen3_vl",
         pretrained: str | None = None,
         config: dict[str, Any] | None = None,
+        image_processor: dict[str, Any] | None = None,
+        load: dict[str, Any] | None = None,
         max_new_tokens: int = 256,
+        batch_size: int = 8,
         device: str = "cpu",
     ) -> None:
         if (pretrained is None) == (config is None):
             raise ValueError("LocalVLMPlanner: give exactly one of `pretrained` and `config`")
-        self.pretrained, self.config = pretrained, dict(config or {})
-        self.max_new_tokens, self.device = max_new_tokens, device
-        self.model: Any = None
-        self.tokenizer: Any = None
+        self.family, self.pretrained, self.config = family, pretrained, dict(config or {})
+        self.image_processor, self.load_kwargs = dict(image_processor or {}), dict(load or {})
+        self.max_new_tokens, self.batch_size, self.device = max_new_tokens, batch_size, device
+        self.vlm: Any = None
 
     def load(self) -> None:
-        """Build the model and tokenizer (first use)."""
-        if self.model is not None:
+        """Build the VLM (first use)."""
+        if self.vlm is not None:
             return
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+        from lightning_modules.components.vlm import build_vlm
 
-        from lightning_modules.components.backbones import build_backbone
-        from lightning_modules.components.tokenizers import load_tokenizer
-
-        if self.pretrained is not None:
-            try:
-                self.model = build_backbone(AutoModelForImageTextToText, pretrained=self.pretrained)
-            except ValueError:
-                self.model = build_backbone(AutoModelForCausalLM, pretrained=self.pretrained)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.pretrained)
-        else:
-            from transformers import Qwen2Config, Qwen2ForCausalLM
-
-            cfg = dict(self.config)
-            self.tokenizer = load_tokenizer(cfg.pop("tokenizer", None), "qwen")
-            ids = {"vocab_size": len(self.tokenizer), "eos_token_id": self.tokenizer.eos_token_id}
-            self.model = Qwen2ForCausalLM(
-                Qwen2Config(**{**ids, "pad_token_id": self.tokenizer.pad_token_id, **cfg})
-            )
-        self.model.eval().to(self.device)
+        config = dict(self.config)
+        tokenizer = config.pop("tokenizer", None)
+        self.vlm = build_vlm(
+            self.family,
+            pretrained=self.pretrained,
+            config=config if self.pretrained is None else None,
+            tokenizer=tokenizer,
+            image_processor=self.image_processor,
+            load=self.load_kwargs,
+        )
+        self.vlm.model.eval().to(self.device)
 
     def plan(self, prompts: Sequence[str], meta: Sequence[dict[str, Any]] | None = None) -> list[str]:
-        """Greedy answers to the planning prompt, one prompt at a time."""
-        import torch
+        """Greedy answers to the planning prompt (with an edit's source image), `batch_size` at a time."""
+        from lightning_modules.components.vlm import Conversation
 
         self.load()
         metas = list(meta) if meta is not None else [{} for _ in prompts]
-        out = []
-        for prompt, m in zip(prompts, metas):
-            messages = [{"role": "user", "content": planning_request(prompt, m)}]
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            ).to(self.device)
-            with torch.no_grad():
-                generated = self.model.generate(
-                    **ids,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-            out.append(
-                self.tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        conversations = [
+            Conversation(
+                images=[m["source_image"]] if m.get("source_image") is not None else [],
+                text=planning_request(prompt, m),
             )
-        return out
+            for prompt, m in zip(prompts, metas)
+        ]
+        out: list[str] = []
+        for i in range(0, len(conversations), self.batch_size):
+            out += self.vlm.generate(conversations[i : i + self.batch_size], self.max_new_tokens)
+        return [text.strip() for text in out]
 
 
 # --------------------------------------------------------------------------- the rule-based planner

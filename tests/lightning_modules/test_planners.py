@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lightning_modules.components.layout import parse_layout
 from lightning_modules.components.planners import ChatPlanner, LocalVLMPlanner, RulePlanner, planning_request
@@ -62,15 +63,21 @@ def test_chat_planner_counts_a_failed_request_and_gives_no_plan():
     assert planner.failures == 1 and client.stats["failures"] == 1
 
 
-TINY_LM = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "num_key_value_heads": 1, "tokenizer": {"vocab_size": 512}}  # fmt: skip
+TINY_VLM = {
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "num_key_value_heads": 1, "head_dim": 16,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+    "tokenizer": {"vocab_size": 512},
+}  # fmt: skip
 
 
-def test_local_vlm_planner_generates_from_config_and_from_pretrained(tmp_path):
-    planner = LocalVLMPlanner(config=TINY_LM, max_new_tokens=6)
-    plans = planner.plan(["a photo of two cats", "a photo of a cat left of a dog"])
-    assert len(plans) == 2 and all(isinstance(p, str) for p in plans)
-    planner.model.save_pretrained(tmp_path)
-    planner.tokenizer.save_pretrained(tmp_path)
-    loaded = LocalVLMPlanner(pretrained=str(tmp_path), max_new_tokens=6)
-    assert loaded.plan(["a photo of two cats", "a photo of a cat left of a dog"]) == plans
+def test_local_vlm_planner_generates_from_config_and_from_pretrained_with_the_edit_source(tmp_path):
+    torch.manual_seed(0)
+    planner = LocalVLMPlanner(family="qwen3_vl", config=TINY_VLM, max_new_tokens=6, batch_size=2)
+    source = {"source_image": torch.rand(3, 32, 32) * 2 - 1, "source_layout": [{"phrase": "a blue star", "box": [0, 0, 300, 300]}]}  # fmt: skip
+    requests = ["a photo of two cats", "a photo of a cat left of a dog", "remove the blue star"]
+    plans = planner.plan(requests, [{}, {}, source])
+    assert len(plans) == 3 and all(isinstance(p, str) for p in plans)
+    planner.vlm.save_pretrained(tmp_path)
+    loaded = LocalVLMPlanner(family="qwen3_vl", pretrained=str(tmp_path), max_new_tokens=6, batch_size=2)
+    assert loaded.plan(requests, [{}, {}, source]) == plans
