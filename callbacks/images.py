@@ -56,6 +56,21 @@ def letterbox(image: Tensor, cell: int, fill: float = 1.0) -> Tensor:
     return out
 
 
+def draw_boxes(
+    image: Tensor, boxes: list[tuple[float, ...]], colour: tuple[float, ...] = (1.0, -1.0, 1.0)
+) -> Tensor:
+    """A copy of a [3, H, W] image in [-1, 1] with each box (x0, y0, x1, y1 in [0, 1] of the image) outlined."""
+    out = image.detach().float().clone()
+    h, w = out.shape[-2:]
+    c = torch.tensor(colour, dtype=out.dtype, device=out.device)[:, None]
+    for x0, y0, x1, y1 in boxes:
+        left, top = min(w - 1, max(0, int(x0 * w))), min(h - 1, max(0, int(y0 * h)))
+        right, bottom = min(w - 1, max(left, int(x1 * w) - 1)), min(h - 1, max(top, int(y1 * h) - 1))
+        out[:, top, left : right + 1] = out[:, bottom, left : right + 1] = c
+        out[:, top : bottom + 1, left] = out[:, top : bottom + 1, right] = c
+    return out
+
+
 def make_grid(rows: list[Row], cell: int = 128, gap: int = 4, max_refs: int | None = None) -> Tensor:
     """One [3, H, W] image in [-1, 1]: per row `max_refs` reference cells (blank if absent), target, prediction."""
     if not rows:

@@ -325,6 +325,7 @@ def test_every_shipped_paper_config_is_collected():
         "unimrg/paper",
         "unipic3/consistency",
         "unipic3/dmd",
+        "scot/paper",
     }
     assert shipped <= ids, shipped - ids
     assert not any("tiny" in i for i in ids)

@@ -18,6 +18,7 @@ from datamodules.webdataset import ShardWriter, write_index
 
 GENERATORS: dict[str, str] = {
     "correspondence": "datamodules.synth.correspondence",
+    "layout": "datamodules.synth.layout",
     "mico": "datamodules.synth.mico",
     "multiref": "datamodules.synth.multiref",
     "preference": "datamodules.synth.preference",
