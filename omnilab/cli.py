@@ -395,6 +395,15 @@ def _serve(argv: list[str]) -> None:
 COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm, "serve": _serve}
 
 
+def _export(argv: list[str]) -> None:
+    from omnilab.export import main as export_main
+
+    export_main(argv)
+
+
+COMMANDS["export"] = _export
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `omnilab` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
