@@ -47,9 +47,12 @@ the batches they had made.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.budget import MODES, ROUNDINGS, BudgetError, fit_to_budget, reference_capacity, tokens
-from datamodules.webdataset import IMAGE_EXTS, BadSample, SkipSample, WebDataModule
+from datamodules.cache import cached_transform, collate_cached
+from datamodules.webdataset import IMAGE_EXTS, BadSample, SkipSample, WebDataModule, read_index
 
 MAX_REFS = 6  # UniPic-3: 1-6 input images
 REF_MEMBER = re.compile(r"ref(\d+)\.([a-z]+)")
@@ -270,7 +274,12 @@ class MultiRefTransform:
 
 
 def collate_multiref(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Examples -> a batch: images stay lists (their sizes differ), counts become tensors."""
+    """Examples -> a batch: images stay lists (their sizes differ), counts become tensors.
+
+    Examples read from a latent cache (`data.cache_dir`) collate with `datamodules.cache.collate_cached`.
+    """
+    if examples and examples[0].get("cached"):
+        return collate_cached(examples)
     refs = [e["refs"] for e in examples]
     targets = [e["target"] for e in examples]
     return {
@@ -319,6 +328,10 @@ class MultiRefDataModule(WebDataModule):
             (kept share of t proportional to w_t times its frequency); a task not named is left out.
             None: keep all. Evaluation is never thinned.
         drop_text: Training probability of an empty instruction (for classifier-free guidance).
+        cache_dir: A latent cache of the training split (`omnilab data cache`, datamodules/cache.py): training
+            batches then carry the cached VAE latents and text states (`batch["cached"]`) instead of images,
+            and FlowEdit skips its encoders; validation and test still read the images. The cache has the
+            budget it was written at (`set_pixel_budget` to another one is refused).
         **kwargs: The `WebDataModule` arguments (data_dir, shards, batch sizes, workers, seed, ...).
     """
 
@@ -338,9 +351,11 @@ class MultiRefDataModule(WebDataModule):
         target_like_ref: bool = False,
         task_mix: dict[str, float] | None = None,
         drop_text: float = 0.0,
+        cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.cache_dir = cache_dir
         if budget_mode not in MODES:
             raise ValueError(f"data.budget_mode {budget_mode!r} is not one of {', '.join(MODES)}")
         if rounding not in ROUNDINGS:
@@ -370,6 +385,11 @@ class MultiRefDataModule(WebDataModule):
         """Resize the references under budget B (B² pixels) from now on, in running workers too."""
         if int(budget) < self.min_side:
             raise ValueError(f"pixel budget {budget} is below data.min_side={self.min_side}")
+        if self.cache_dir is not None and int(budget) != self.budget:
+            raise ValueError(
+                f"pixel budget {budget}: the latent cache data.cache_dir={self.cache_dir} was written at one budget "
+                f"({self.budget}); write a cache per budget stage or train on the images"
+            )
         self._live_budget[0] = int(budget)
 
     @property
@@ -387,8 +407,33 @@ class MultiRefDataModule(WebDataModule):
         """The training task mix the transform uses now (None: every task)."""
         return self._live_mix.read()
 
-    def transform(self, train: bool) -> MultiRefTransform:
-        """The budgeted decode (train: with task mixing and text dropout), as a picklable callable."""
+    def shard_spec(self, split: str) -> str | None:
+        """The raw shards of a split; the cache's for training when `cache_dir` is set."""
+        if split == "train" and self.cache_dir is not None and self.specs.get("train") is None:
+            pattern = Path(self.cache_dir) / "train-*.tar"
+            if not glob.glob(str(pattern)):
+                raise FileNotFoundError(
+                    f"data.cache_dir={self.cache_dir} has no train-*.tar: write it with `omnilab data cache`"
+                )
+            return str(pattern)
+        return super().shard_spec(split)
+
+    def shard_counts(self) -> dict[str, int]:
+        """The samples per shard of the raw index.json and of the cache's."""
+        counts = super().shard_counts()
+        index = read_index(self.cache_dir) or {}
+        for info in (index.get("splits") or {}).values():
+            for name, count in zip(info.get("shards") or [], info.get("counts") or []):
+                counts[os.path.abspath(Path(self.cache_dir) / name)] = int(count)
+        return counts
+
+    def transform(self, train: bool) -> Any:
+        """The budgeted decode (train: with task mixing and text dropout), as a picklable callable.
+
+        Training from a cache (`cache_dir`): the cached sample's latents and text states as they are.
+        """
+        if train and self.cache_dir is not None:
+            return cached_transform
         return MultiRefTransform(
             budget=self._live_budget,
             base_budget=self.budget,

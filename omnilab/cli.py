@@ -404,6 +404,19 @@ def _export(argv: list[str]) -> None:
 COMMANDS["export"] = _export
 
 
+def _data_or_cache(argv: list[str]) -> None:
+    """`omnilab data cache ...` (datamodules/cache.py), else the `data` command."""
+    if argv and argv[0] == "cache":
+        from datamodules.cache import main as cache_main
+
+        cache_main(argv[1:])
+    else:
+        _data(argv)
+
+
+COMMANDS["data"] = _data_or_cache
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `omnilab` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
