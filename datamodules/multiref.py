@@ -92,6 +92,22 @@ def resize_image(x: Tensor, size: tuple[int, int]) -> Tensor:
     return out.clamp(-1.0, 1.0)
 
 
+def nearest_bucket(width: int, height: int, buckets: tuple[tuple[int, int], ...]) -> int:
+    """The index of the bucket (w, h) whose aspect ratio is nearest to width / height (in log ratio; first on ties)."""
+    ratio = np.log(width / height)
+    return int(np.argmin([abs(np.log(w / h) - ratio) for w, h in buckets]))
+
+
+def cover_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a [3, H, W] image to cover (w, h) = `size` (bicubic, antialias) and centre-crop it to exactly that."""
+    w, h = size
+    scale = max(w / x.shape[-1], h / x.shape[-2])
+    cover = (max(w, round(x.shape[-1] * scale)), max(h, round(x.shape[-2] * scale)))
+    resized = resize_image(x, cover)
+    top, left = (resized.shape[-2] - h) // 2, (resized.shape[-1] - w) // 2
+    return resized[:, top : top + h, left : left + w]
+
+
 def mentioned_images(instruction: str) -> list[int]:
     """The 1-based image numbers the instruction names ("image 2", "Picture 3", "<image1>"), sorted."""
     return sorted({int(a or b) for a, b in IMAGE_MENTION.findall(instruction)})
@@ -206,6 +222,7 @@ class MultiRefTransform:
     train: bool = True
     task_mix: SharedTaskMix | tuple[tuple[str, float], ...] | None = None  # live (shared) or fixed
     drop_text: float = 0.0
+    buckets: tuple[tuple[int, int], ...] | None = None  # training target sizes (w, h): aspect buckets
     _mix: SharedTaskMix = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -261,9 +278,16 @@ class MultiRefTransform:
             )
         if self.train and self.drop_text > 0 and rng.random() < self.drop_text:
             instruction = ""
+        bucket = None
+        if self.train and self.buckets:
+            bucket = nearest_bucket(target_img.shape[-1], target_img.shape[-2], self.buckets)
+            target = cover_crop(target_img, self.buckets[bucket])
+        else:
+            target = resize_image(target_img, target_size)
         return {
             "refs": [resize_image(x, s) for x, s in zip(images, ref_sizes)],
-            "target": resize_image(target_img, target_size),
+            "target": target,
+            "bucket": bucket,
             "instruction": instruction,
             "task": task,
             "n_refs": n,
@@ -293,6 +317,7 @@ def collate_multiref(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "ref_budget": torch.tensor([e["ref_budget"] for e in examples], dtype=torch.int64),
         "ref_pixel_cap": torch.tensor([e["ref_pixel_cap"] for e in examples], dtype=torch.int64),
         "meta": [e["meta"] for e in examples],
+        "bucket": [e.get("bucket") for e in examples],
         "__key__": [e.get("__key__", "") for e in examples],
     }
 
@@ -328,6 +353,10 @@ class MultiRefDataModule(WebDataModule):
             (kept share of t proportional to w_t times its frequency); a task not named is left out.
             None: keep all. Evaluation is never thinned.
         drop_text: Training probability of an empty instruction (for classifier-free guidance).
+        aspect_buckets: Training target sizes `[[w, h], ...]` (e.g. the same area at 1:1, 4:3, 3:4, 16:9, 9:16):
+            each training target is resized to cover the bucket nearest its aspect ratio and centre-cropped to it,
+            and every training batch holds targets of one bucket (no padding, one shape), in a deterministic,
+            resumable order (`datamodules.webdataset.bucketed_batches`). Evaluation keeps `target_budget`.
         cache_dir: A latent cache of the training split (`omnilab data cache`, datamodules/cache.py): training
             batches then carry the cached VAE latents and text states (`batch["cached"]`) instead of images,
             and FlowEdit skips its encoders; validation and test still read the images. The cache has the
@@ -352,10 +381,18 @@ class MultiRefDataModule(WebDataModule):
         task_mix: dict[str, float] | None = None,
         drop_text: float = 0.0,
         cache_dir: str | None = None,
+        aspect_buckets: list[list[int]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.cache_dir = cache_dir
+        self.buckets = tuple((int(w), int(h)) for w, h in aspect_buckets) if aspect_buckets else None
+        for w, h in self.buckets or ():
+            if w < multiple or h < multiple or w % multiple or h % multiple:
+                raise ValueError(
+                    f"data.aspect_buckets: {w}x{h} must be positive multiples of data.multiple={multiple}"
+                )
+        self.bucketed = self.buckets is not None  # TrainStream: batches of one bucket
         if budget_mode not in MODES:
             raise ValueError(f"data.budget_mode {budget_mode!r} is not one of {', '.join(MODES)}")
         if rounding not in ROUNDINGS:
@@ -448,6 +485,7 @@ class MultiRefDataModule(WebDataModule):
             train=train,
             task_mix=self._live_mix,
             drop_text=self.drop_text,
+            buckets=self.buckets,
         )
 
     def collate(self) -> Any:
