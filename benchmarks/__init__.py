@@ -25,5 +25,6 @@ BENCHMARKS: dict[str, str] = {
     "reward_throughput": "Reward models: head vs generative verdict pairs/s, MC-BT vs BT step, served vs in-process",
     "pure_sampling": "PURE: entropy top-k vs fixed top-k cost per token, KV cache vs none, tokens/s vs weights roofline",
     "pure_replication": "PURE mini-replication: entropy vs fixed top-k vs greedy; perceive-understand-restore vs restore-only",
+    "latent_cache": "FlowEdit training step on cached latents and text states vs on the images: step-time ratio",
 }
 NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing
