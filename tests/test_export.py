@@ -217,3 +217,44 @@ def test_a_cli_fit_of_ccmp_tiny_exports_safetensors_that_predict_the_same(in_tmp
     with torch.no_grad():
         for x, y in zip(model(query, mask, target), loaded(query, mask, target)):
             assert torch.equal(x.mask, y.mask) and torch.equal(x.cls, y.cls)
+
+
+def test_a_flow_grpo_checkpoint_exports_its_lora_by_default(tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    from lightning_modules.flow_grpo import FlowGRPO
+    from omnilab.cli import main
+    from tests.lightning_modules.test_flow_edit import TINY
+
+    sft = tiny("flux_kontext").eval()  # the SFT model GRPO starts from
+    torch.save({"state_dict": sft.state_dict()}, tmp_path / "sft.ckpt")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    grpo = FlowGRPO(**TINY["flux_kontext"], lora=lora, init_checkpoint=str(tmp_path / "sft.ckpt"))
+    grpo.configure_model()
+    with torch.no_grad():
+        for name, p in grpo.backbone.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.5)
+    hparams = {**dict(grpo.hparams), "_class_path": "lightning_modules.flow_grpo.FlowGRPO"}
+    checkpoint = {"state_dict": grpo.state_dict(), "hyper_parameters": hparams}
+    grpo.on_save_checkpoint(checkpoint)  # as Lightning saves it: the SFT weights reload from init_checkpoint
+    torch.save(checkpoint, tmp_path / "grpo.ckpt")
+    main(["export", str(tmp_path / "grpo.ckpt"), "--out", str(tmp_path / "lora")])
+    pipe = FluxKontextPipeline.from_pretrained(export_diffusers(sft, tmp_path / "sft"))
+    pipe.load_lora_weights(tmp_path / "lora")
+    refs = [_reference()]
+    assert torch.allclose(
+        flux_pipeline_images(pipe, refs, 1.0), module_images(grpo.eval(), refs, 1.0), atol=1e-5
+    )
+    grpo.merged_adapters = 1
+    with pytest.raises(ValueError, match="merged into the base weights"):
+        export_lora(grpo, tmp_path / "lora2")
+
+
+def test_the_qwen_export_says_what_it_needs_without_torchvision(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the Qwen processor builds")
+    with pytest.raises(RuntimeError, match="torchvision"):
+        export_diffusers(tiny("qwen_image_edit"), tmp_path / "pipe")
