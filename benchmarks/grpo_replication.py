@@ -1,4 +1,4 @@
-"""Flow-GRPO / MSGRPO / PDTR mini-replication on CPU (shared/methods/rl_grpo_dmd.md §1, §3, §6; ABSTRACTS.md §2, §9).
+"""Flow-GRPO / MSGRPO / PDTR mini-replication on CPU (docs/methods/flow_grpo.md; UniRef-Image-Edit and UniPic 2.0 papers).
 
 Three claims tested in miniature, each with the suite's real loop (FlowGRPO + GRPORollouts [+ DualTaskSchedule]):
 (a) Flow-GRPO raises the reward: the mean training reward and, on HELD-OUT prompts, the ODE-sampled reward

@@ -1,6 +1,6 @@
 """JRM mini-replication: held-out pairwise accuracy of the BT-only discriminative model vs JRM at several λ.
 
-JRM's claim (ABSTRACTS.md §5; docs/methods/jrm.md): training the same VL backbone jointly on preference and on
+JRM's claim (JRM paper; docs/methods/jrm.md): training the same VL backbone jointly on preference and on
 language modelling of rationales (L = L_pref + λ L_LM) gives a more accurate reward model than the preference
 loss alone. In miniature, on CPU: the tint-edit items of benchmarks/reward_common.py (whole- and half-image
 recolouring, two candidates of known quality, templated rationales; 64 px), a 1-layer Qwen3-VL, the same

@@ -1,6 +1,6 @@
 """Reward models as RL rewards: GRPO on the tiny editing policy with each trained reward model vs a plain BT reward.
 
-The RL claim of both papers (ABSTRACTS.md §4, §5; docs/methods/spatialreward.md, docs/methods/jrm.md): a better
+The RL claim of both papers (SpatialReward and JRM papers; docs/methods/spatialreward.md, docs/methods/jrm.md): a better
 reward model is a better online-RL signal for an editing model (SpatialReward: +0.90 on GEdit-Bench for OmniGen2,
 twice GPT-4.1's gain; JRM: more stable and better RL). In miniature, on CPU:
 

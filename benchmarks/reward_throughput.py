@@ -1,6 +1,6 @@
 """Reward-model speed, as ratios measured in one run on the same tiny backbone.
 
-- Scoring throughput (JRM's efficiency argument, ABSTRACTS.md §5): pairs per second of the discriminative head
+- Scoring throughput (JRM's efficiency argument, JRM paper): pairs per second of the discriminative head
   (`JointRewardModel.score_edits`: one forward pass per candidate, the head at the reward token) vs the generative
   verdict (`SpatialRewardModel.score_edits`: greedy SC and PQ verdicts per candidate, here --verdict-tokens each,
   the length of the tint items' verdicts), same Qwen3-VL backbone, same images and instructions.

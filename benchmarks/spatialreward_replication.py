@@ -1,6 +1,6 @@
 """SpatialReward mini-replication: the generative judge trained with vs without edit-region boxes.
 
-SpatialReward's claim (ABSTRACTS.md §4; docs/methods/spatialreward.md): anchoring the judge's reasoning to
+SpatialReward's claim (SpatialReward paper; docs/methods/spatialreward.md): anchoring the judge's reasoning to
 predicted edit regions (boxes on the 0-1000 grid, cited as <|bbox_i|>) makes its verdicts more accurate, most
 where errors are local. In miniature, on CPU: the tint-edit items of benchmarks/reward_common.py (64 px, two
 candidates of known quality, target SC / PQ verdicts), a 1-layer Qwen3-VL fine-tuned (SFT on the verdicts'

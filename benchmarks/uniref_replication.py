@@ -1,6 +1,6 @@
 """UniRef-Image-Edit mini-replication: the progressive pixel budget, and composition quality by reference count.
 
-UniRef's claims (ABSTRACTS.md §2; shared/methods/multiref_mico.md §1): SELF packs 1-6 references under one
+UniRef's claims (UniRef-Image-Edit paper; docs/methods/uniref.md): SELF packs 1-6 references under one
 global pixel budget, and training with a budget that grows 1024² -> 1536² -> 2048² reaches the high-budget
 model more cheaply than training at the highest budget throughout. In miniature, on CPU, with the tiny
 Qwen-Image-Edit FlowEdit of experiments/uniref/tiny.yaml (budgets 64 -> 96 -> 128 px at 4 px per token stand

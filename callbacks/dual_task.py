@@ -1,7 +1,7 @@
 """PDTR as a Callback: RL in stages (text-to-image, then editing), each stage from the previous stage's weights.
 
-Implements UniPic 2.0's Progressive Dual-Task Reinforcement (ABSTRACTS.md §9) as the notes reproduce it
-(shared/methods/rl_grpo_dmd.md §3 [inference]: "two sequential Flow-GRPO runs with different prompt sets and
+Implements UniPic 2.0's Progressive Dual-Task Reinforcement (UniPic 2.0 paper) as the notes reproduce it
+(docs/methods/flow_grpo.md: "two sequential Flow-GRPO runs with different prompt sets and
 rewards, the second starting from the stage-1 weights"). The callback knows no method: it switches what the
 GRPO callback trains on through `SupportsStageSwitch` (callbacks/grpo.py's `GRPORollouts.set_stage`: the data
 tasks and the reward of the stage), the data through `SupportsTaskMix` when the datamodule offers it

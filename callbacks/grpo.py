@@ -1,11 +1,11 @@
 """Flow-GRPO rollouts as a Callback: sample groups with the SDE, score, compute advantages, hand them to the module.
 
-Implements the loop side of shared/methods/rl_grpo_dmd.md §1 (Flow-GRPO: G trajectories per prompt with the
+Implements the loop side of docs/methods/flow_grpo.md (Flow-GRPO: G trajectories per prompt with the
 ODE->SDE sampler, per-prompt advantages with the std over the group or the batch, advantage clipping, groups
 without signal dropped, several optimizer steps per rollout, the trained-step subsets of Flow-GRPO and
 Flow-GRPO-Fast), §2 (TRL's std scopes, DanceGRPO's random steps), §3 (combined rewards: sum-then-normalise,
-normalise-then-sum, the notes' MSGRPO proposal for UniRef-Image-Edit, ABSTRACTS.md §2) and §6.1-4; PDTR
-(UniPic 2.0, ABSTRACTS.md §9) switches this callback's prompts and rewards per stage (callbacks/dual_task.py).
+normalise-then-sum, the notes' MSGRPO proposal for UniRef-Image-Edit, UniRef-Image-Edit paper) and §6.1-4; PDTR
+(UniPic 2.0 paper) switches this callback's prompts and rewards per stage (callbacks/dual_task.py).
 The math is `lightning_modules.components.grpo`; the rewards are `rewards/`.
 
 The callback knows no method. Its contract with the module is `SupportsGRPO`:

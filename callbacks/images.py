@@ -1,4 +1,4 @@
-"""Sample grids logged while training: references | target | prediction, one row per sample (DESIGN.md "Tracking").
+"""Sample grids logged while training: references | target | prediction, one row per sample (docs/architecture.md).
 
 Every `every_n_steps` optimizer steps and at the end of each validation, the callback asks the module for
 predictions on the first `k` samples of one fixed validation batch (captured from the first validation

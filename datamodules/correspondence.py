@@ -1,6 +1,6 @@
 """Ego-exo object correspondence pairs for CCMP: decoding, augmentation and test preprocessing.
 
-Implements the data side of the CCMP notes (shared/methods/ccmp.md): §1 (the square model input,
+Implements the data side of CCMP (docs/methods/ccmp.md): §1 (the square model input,
 512x512 in the paper), §4 (training augmentation; test preprocessing: pad to square, resize, and scoring
 at the official resolution) and §7 (the pair format that `omnilab data convert egoexo4d` and
 `omnilab data synth correspondence` write).

@@ -1,9 +1,9 @@
 """Multi-reference editing and composition samples (UniRef SELF, UniPic-3, MICo), budgeted per sample.
 
-Implements the data side of shared/methods/multiref_mico.md: §1 (every reference resized under one
+Implements the data side of docs/methods/uniref.md: §1 (every reference resized under one
 global pixel budget B, the target under its own; `datamodules.budget.fit_to_budget`), §4 (the proposed
 WebDataset sample; originals stored, resized at decode time so B can change per stage) and §6.1; and of
-the UniRef abstract (ABSTRACTS.md §2): joint SFT on single-image editing (N = 1) and multi-image
+the UniRef abstract (UniRef-Image-Edit paper): joint SFT on single-image editing (N = 1) and multi-image
 composition (N = 2..6) with a task-mixing ratio, text-to-image (N = 0) for dual-task RL, and the
 progressive budget 1024² -> 1536² -> 2048² that `callbacks.pixel_budget.PixelBudgetSchedule` drives
 through `MultiRefDataModule.set_pixel_budget`.

@@ -171,7 +171,7 @@ class CCMP(L.LightningModule):
             Entering a stage starts fresh AdamW moments, as CCMP builds a new optimizer per stage. After
             the last stage the lr stays at its `lr_end`. Freezing changes which parameters get gradients,
             so under DDP use `strategy: ddp_find_unused_parameters_true` (as CCMP does).
-        attention: Attention backend, `sdpa` (default), `xformers` or `auto` (DESIGN.md "one switch").
+        attention: Attention backend, `sdpa` (default), `xformers` or `auto` (docs/architecture.md).
         threshold: Probability above which a pixel is predicted as the object.
         eval_protocol: `egoexo4d` (IoU/CA/LE/VA per direction, micro-averaged; `<split>/iou` = mIoU) or
             `handalx` (mean per-instance IoU over every pair, instance = take + object).

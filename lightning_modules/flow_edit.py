@@ -3,18 +3,18 @@
 One module carries four methods whose difference is data (the backbone, its VAE and text encoder,
 the budgets), not code:
 
-- UniRef-Image-Edit SFT (ABSTRACTS.md §2): SELF, every reference serialised into one latent sequence
+- UniRef-Image-Edit SFT (UniRef-Image-Edit paper): SELF, every reference serialised into one latent sequence
   under a global pixel budget and padded to a fixed length (`max_ref_tokens` = B²/256 for budget B at 16 px per token),
   joint SFT on editing (N = 1) and composition (N = 2..6); the progressive budget schedule is a
   callback driving the datamodule's `set_pixel_budget`.
-- UniPic2-SD3.5M-Kontext (ABSTRACTS.md §9; methods/rl_grpo_dmd.md §5): the `sd3_kontext` backend,
+- UniPic2-SD3.5M-Kontext (UniPic 2.0 paper; docs/methods/unipic2.md): the `sd3_kontext` backend,
   clean references sharing the target's timestep, text-only CFG (the references go into both
   branches), guidance 3.5 and 50 steps by default.
-- UniPic 3.0's composition teacher (ABSTRACTS.md §7; methods/multiref_mico.md §1, §3): the
+- UniPic 3.0's composition teacher (UniPic 3.0 paper; docs/methods/unipic3.md): the
   `qwen_image_edit` backend; training sigma = shift(sigmoid(N(0, 1))) with shift exp(mu), mu linear
   in the target's tokens (256 -> 0.5, 8192 -> 0.9); MSE on eps - x0 over the target tokens;
   inference true CFG 4 (8 steps for the distilled students).
-- Qwen-MICo (ABSTRACTS.md §8): the same backbone fine-tuned on MICo-150K compositions.
+- Qwen-MICo (MICo paper): the same backbone fine-tuned on MICo-150K compositions.
 
 The flow math lives in `components/flow.py`, the backends in `components/packed_dit.py`, the text and
 VLM conditioning in `components/text.py`. This file adds the frozen VAE (`LatentCodec`), the loss

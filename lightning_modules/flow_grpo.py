@@ -1,10 +1,10 @@
 """FlowGRPO: online RL of a flow-matching DiT with Flow-GRPO (LoRA policy, the same network without it as reference).
 
-Implements the module side of shared/methods/rl_grpo_dmd.md §1 (Flow-GRPO: the ODE->SDE sampler with log-probs,
+Implements the module side of docs/methods/flow_grpo.md (Flow-GRPO: the ODE->SDE sampler with log-probs,
 the clipped policy loss over the trained steps, beta KL to the reference = the network with its LoRA adapter
 disabled, fp32 log-probs; CPS and DanceGRPO steps through `sde_kind`), §6.1-4, and the starting points of
-MSGRPO (UniRef-Image-Edit RL after its SFT, ABSTRACTS.md §2) and PDTR (UniPic 2.0's staged T2I then editing
-RL, ABSTRACTS.md §9). The rollouts, rewards and advantages are the callback's (callbacks/grpo.py); this module
+MSGRPO (UniRef-Image-Edit RL after its SFT, UniRef-Image-Edit paper) and PDTR (UniPic 2.0's staged T2I then editing
+RL, UniPic 2.0 paper). The rollouts, rewards and advantages are the callback's (callbacks/grpo.py); this module
 implements its `SupportsGRPO` protocol:
 
 - `sample_with_logprob`: FlowEdit's sampler with the SDE step on the chosen steps, keeping the transitions

@@ -2,7 +2,7 @@
 
 Implements the official Ego-Exo4D correspondence evaluation (EGO4D/ego-exo4d-relation,
 `correspondence/evaluation/{evaluate_egoexo,evaluate_exoego,utils,metrics}.py`, whose mask metrics
-are DAVIS 2017's), as CCMP reimplements it (ccmp.md §5); HANDAL-X's mean per-instance IoU (§6); and
+are DAVIS 2017's), as CCMP reimplements it (docs/methods/ccmp.md); HANDAL-X's mean per-instance IoU (§6); and
 the prediction JSON that the evaluators and EvalAI challenge 2288 read (§7 "Predictions").
 
 The protocol (§5): for each scored instance the GT mask is resized, nearest and unpadded, so that its
@@ -343,7 +343,7 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
 
 
 class SubmissionWriter:
-    """Collects predictions and writes the Ego-Exo4D correspondence prediction JSON (ccmp.md §7).
+    """Collects predictions and writes the Ego-Exo4D correspondence prediction JSON (docs/methods/ccmp.md).
 
     Layout: {direction: {"version": "xx", "challenge": "xx", "results": {take: {"masks": {obj: {
     "<src_cam>_<tgt_cam>": {frame: {"pred_mask": RLE, "confidence": float}}}}, "subsample_idx": [int]}}}}

@@ -10,11 +10,11 @@ A reward is a callable `(images, prompts, references, meta) -> {score name: Tens
   inf never. Per-reference scores are named "ref0", "ref1", ... (reference k, 0-based), NaN beyond a
   sample's references: `per_reference` stacks them into [N, R].
 
-`CombinedReward` implements the combination patterns of shared/methods/rl_grpo_dmd.md §3 (Flow-GRPO's
+`CombinedReward` implements the combination patterns of docs/methods/flow_grpo.md (Flow-GRPO's
 `multi_score` weighted sum, GDPO / TRL normalise-then-sum, and the notes' MSGRPO proposal for
-UniRef-Image-Edit, ABSTRACTS.md §2) on top of `lightning_modules.components.grpo`. A reward that fails
+UniRef-Image-Edit, UniRef-Image-Edit paper) on top of `lightning_modules.components.grpo`. A reward that fails
 (raises, returns the wrong shape, NaN where not allowed, inf) raises `RewardError` naming it: the GRPO
-loop counts the batch as skipped (DESIGN.md "Reliability rules").
+loop counts the batch as skipped (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GenEval as a reward: object presence, counts, colours and relative positions checked by a detector.
 
 The text-to-image reward of Flow-GRPO's `geneval` server, which PDTR's first stage trains on (UniPic 2.0,
-ABSTRACTS.md §9; served by `omnilab serve reward --config experiments/unipic2/pdtr.yaml --reward geneval`).
+UniPic 2.0 paper; served by `omnilab serve reward --config experiments/unipic2/pdtr.yaml --reward geneval`).
 GenEval's protocol (Ghosh et al. 2023, its `evaluate_images.py`):
 
 - A prompt comes with GenEval metadata in the sample's json: {"tag": "single_object" | "two_object" |

@@ -1,8 +1,8 @@
 """A reward served over HTTP from another process: large reward models (VLM judges, SpatialReward, ...).
 
-The GRPO loop of shared/methods/rl_grpo_dmd.md §1-3 scores every rollout group; a reward model too big
-to share the trainer's GPU (a VLM judge, SpatialReward's reward model, ABSTRACTS.md §4) runs as its
-own process, as Flow-GRPO's remote reward servers do. DESIGN.md "Reliability rules": a remote part
+The GRPO loop of docs/methods/flow_grpo.md scores every rollout group; a reward model too big
+to share the trainer's GPU (a VLM judge, SpatialReward's reward model, SpatialReward paper) runs as its
+own process, as Flow-GRPO's remote reward servers do. docs/architecture.md: a remote part
 has timeouts and fails with a clear error (here `RewardError`, which the loop counts as a skip),
 never a hang; and nothing is ever unpickled: the protocol is JSON with PNG images.
 

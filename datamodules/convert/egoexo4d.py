@@ -1,6 +1,6 @@
 """Ego-Exo4D correspondence (relations) -> pair shards: `omnilab data convert egoexo4d`.
 
-Implements the data side of the CCMP notes (shared/methods/ccmp.md): §7 (the raw `relations_{split}.json`
+Implements the data side of CCMP (docs/methods/ccmp.md): §7 (the raw `relations_{split}.json`
 with LZString-compressed COCO RLE, and the processed frame folders `<frames>/<take_uid>/<cam>/<frame>.jpg`,
 Aria downscaled by 2 and exo by 4), §5 (which (take, object, camera pair, frame) instances the official
 evaluation scores, and its ground truth resized nearest to longest side 480) and §4 (the asynchronous

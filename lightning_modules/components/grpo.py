@@ -1,16 +1,16 @@
 """Flow-GRPO math as small pure functions: the SDE step and its log-probability, advantages, the loss.
 
-Implements shared/methods/rl_grpo_dmd.md §1 (Flow-GRPO: the ODE->SDE Euler-Maruyama step
+Implements docs/methods/flow_grpo.md (Flow-GRPO: the ODE->SDE Euler-Maruyama step
 `sde_step_with_logprob`, its CPS variant, per-prompt advantages, the clipped loss and the KL to the
 reference, the trained timesteps of Flow-GRPO and Flow-GRPO-Fast), §2 (DanceGRPO's step and timestep
 subsampling; TRL's advantage scopes "group" / "batch" / "none"), §3 (combining rewards: sum then
 normalise, normalise then sum (GDPO); the notes' [inference] proposal for MSGRPO) and §6.1-2. MSGRPO is
-UniRef-Image-Edit's RL stage (ABSTRACTS.md §2); PDTR (UniPic 2.0, ABSTRACTS.md §9) is two sequential runs
+UniRef-Image-Edit's RL stage (UniRef-Image-Edit paper); PDTR (UniPic 2.0 paper) is two sequential runs
 of this same loop with different prompts and rewards (§3 [inference]), so it needs nothing here.
 
 Notation (rectified flow): x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0, sampling runs sigma 1 -> 0,
 Delta = sigma_next - sigma < 0. Log-probabilities, ratios, KL and advantages are fp32 whatever the input
-dtype (DESIGN.md "Performance rules"); a log-probability is the MEAN over a sample's latent elements (as
+dtype (docs/architecture.md); a log-probability is the MEAN over a sample's latent elements (as
 the released code), so a ratio is a geometric mean over elements and the PPO clip range is tiny (1e-4).
 Nothing here forces a device sync: checks that would read a GPU tensor are left out.
 """
@@ -436,7 +436,7 @@ def trained_step_indices(
       (0, T // 2): high-noise-only training; the other steps run the ODE.
     - "random" (DanceGRPO): int(fraction T) steps drawn without replacement, in the drawn order
       (DanceGRPO draws one permutation per sample: call once per sample).
-    The random modes need `generator` (no global random state; DESIGN.md "Reliability rules").
+    The random modes need `generator` (no global random state; docs/architecture.md).
     """
     if mode not in STEP_MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(STEP_MODES)}")

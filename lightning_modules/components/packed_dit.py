@@ -2,19 +2,19 @@
 
 SELF serialises all images of one sample (0-6 clean reference latents and the noisy target latent) into ONE
 token sequence, pads that sequence to a fixed length with a mask, and batches samples that differ in the number
-and sizes of their references. diffusers 0.42 cannot run that batch (methods/multiref_mico.md §7): its processors
+and sizes of their references. diffusers 0.42 cannot run that batch (docs/methods/uniref.md): its processors
 ignore or refuse padding masks, and position ids / RoPE tables are shared by the whole batch. Each backend here
 wraps a diffusers DiT and REUSES its weights and modules (patch/time/text embedders, transformer blocks,
 norm_out, proj_out); it replaces only how tokens are embedded and positioned, the attention processors (through
 `set_attn_processor`, masked SDPA) and the per-image unpatchify:
 
-- `SD3Kontext` — UniPic2-SD3.5M-Kontext (methods/rl_grpo_dmd.md §5): every image through the same `PatchEmbed`
+- `SD3Kontext` — UniPic2-SD3.5M-Kontext (docs/methods/unipic2.md): every image through the same `PatchEmbed`
   (its own centred crop of the 2-D sin-cos table, no offset), references PREPENDED ([ref_1 .. ref_N, target]),
   joint attention with the text stream, one shared timestep (clean references share the target's adaLN).
-- `QwenImageEdit` — Qwen-Image-Edit-2509/2511, UniPic 3.0, MICo (multiref_mico.md §1): [target | ref_1 .. ref_N]
+- `QwenImageEdit` — Qwen-Image-Edit-2509/2511, UniPic 3.0, MICo (docs/methods/uniref.md): [target | ref_1 .. ref_N]
   2x2-packed into `img_in`, MSRoPE with frame index = image index and centred h/w, text positions after
   max(h/2, w/2), computed PER SAMPLE; `zero_cond_t` (2511) modulates reference tokens at t = 0.
-- `FluxKontext` — FLUX.1 Kontext (multiref_mico.md §1): [target | ref_1 .. ref_N] with 3-axis RoPE ids
+- `FluxKontext` — FLUX.1 Kontext (docs/methods/uniref.md): [target | ref_1 .. ref_N] with 3-axis RoPE ids
   (index, h, w), target index 0 and reference k index k on the same h/w grid, per-sample ids; optional guidance.
 
 Padding: padded image keys (and masked text keys) get -inf before the softmax so they change nothing; padded

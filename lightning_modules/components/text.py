@@ -10,7 +10,7 @@ tokenizers sit in its `text_encoder*`/`tokenizer*` subfolders) or from a random-
   attended (SD3 uses no text mask). The tiny variant may have one CLIP and one T5.
 - `flux` (FLUX.1 Kontext; `FluxPipeline.encode_prompt`): pooled = the CLIP pooler output,
   hidden = the T5 states; no text mask.
-- `qwen` (Qwen-Image-Edit / UniPic 3.0 §Method / Qwen-MICo, methods/multiref_mico.md §1;
+- `qwen` (Qwen-Image-Edit / UniPic 3.0 §Method / Qwen-MICo, docs/methods/uniref.md;
   `QwenImageEditPlusPipeline._get_qwen_prompt_embeds`): Qwen2.5-VL reads the chat template with one
   `Picture k: <|vision_start|><|image_pad|><|vision_end|>` per reference before the instruction; the
   last hidden states of the valid tokens, less the first `drop_tokens` (64 for the real template,
@@ -300,7 +300,7 @@ def build_text_encoder(
     def model(cls: type, folder: str, cfg: dict[str, Any] | None, tok: PreTrainedTokenizerBase) -> nn.Module:
         if pretrained is not None:
             return build_backbone(cls, pretrained=pretrained, subfolder=folder, **load)
-        return cls(cls.config_class(**_with_token_ids(cfg, tok)))
+        return build_backbone(cls, config=_with_token_ids(cfg, tok))  # keys checked against the config class
 
     if family == "sd3":
         n_clips = 2 if pretrained is not None else len(config.get("clip") or [])
@@ -352,7 +352,6 @@ def _build_qwen(
     """Qwen2.5-VL, its tokenizer and (unless `vision: false`) its image processor."""
     from transformers import (
         AutoImageProcessor,
-        Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLImageProcessorPil,
     )
@@ -384,8 +383,9 @@ def _build_qwen(
         ids = {
             f"{name}_token_id": tok.convert_tokens_to_ids(f"<|{token}|>") for name, token in specials.items()
         }
-        model = Qwen2_5_VLForConditionalGeneration(
-            Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **{**ids, **cfg})
+        model = build_backbone(  # keys checked against Qwen2_5_VLConfig and its text/vision configs
+            Qwen2_5_VLForConditionalGeneration,
+            config={"text_config": text_config, "vision_config": vision_config, **ids, **cfg},
         )
         defaults = {
             "patch_size": vision_config["patch_size"],

@@ -34,7 +34,7 @@ from datamodules.convert.egoexo4d import (
 )
 from datamodules.webdataset import decode_sample, iter_raw_samples
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "egoexo4d"  # a copy of shared/fixtures/egoexo4d
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "egoexo4d"  # a small take in the released layout
 TAKE = "3f1c9a52-7d2e-4b8e-9a41-0c6d2b7e5f10"
 VAL_PAIRS = {  # (setting, object, frame, visible), by hand from the fixture (module docstring)
     *(("ego-exo", "cutting board_0", f, True) for f in (0, 30, 60)),

@@ -1,4 +1,4 @@
-"""Flow-GRPO math: every function against values worked by hand from the notes' formulas (rl_grpo_dmd.md §1-3)."""
+"""Flow-GRPO math: every function against values worked by hand from the notes' formulas (docs/methods/flow_grpo.md)."""
 
 from __future__ import annotations
 
