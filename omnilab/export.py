@@ -50,15 +50,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 "the folder torch.distributed.checkpoint wrote"
             )
         try:
-            from lightning.fabric.utilities.load import _load_distributed_checkpoint
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+            from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-            return _load_distributed_checkpoint(path)
+            state: dict[str, Any] = {}
+            _load_state_dict(
+                state,
+                storage_reader=FileSystemReader(path),
+                planner=_EmptyStateDictLoadPlanner(),
+                no_dist=True,
+            )
+            meta = (
+                path / "meta.pt"
+            )  # Lightning's FSDP strategy: everything but the weights and optimizer states
+            extra = torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else {}
         except Exception as err:  # any failure: say what to do instead
             raise ValueError(
                 f"could not consolidate the sharded FSDP checkpoint {path} ({type(err).__name__}: {err}); "
-                "consolidate it with `python -m lightning.fabric.utilities.consolidate_checkpoint` and export "
-                "the resulting file"
+                "consolidate it on the training machine (`python -m lightning.fabric.utilities.consolidate_checkpoint`) "
+                "and export the resulting file"
             ) from err
+        if "model" in state and "state_dict" not in state:  # Lightning stores the weights under "model"
+            state["state_dict"] = state.pop("model")
+        for key in [k for k in state if k.startswith("optimizer_")]:
+            del state[key]
+        return {**state, **extra}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -141,10 +141,18 @@ def test_ccmp_export_is_a_plain_state_dict_with_its_config(tmp_path):
 def test_a_sharded_checkpoint_is_consolidated_and_a_plain_folder_refused(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    state = {"state_dict": {"w": torch.arange(6.0).view(2, 3)}, "global_step": 3}
-    dcp.save(state, checkpoint_id=tmp_path / "sharded", no_dist=True)
+    weights = {
+        "w": torch.arange(6.0).view(2, 3)
+    }  # Lightning's FSDP layout: weights as "model", the rest meta.pt
+    dcp.save(
+        {"model": weights, "optimizer_0": {"m": torch.ones(2)}},
+        checkpoint_id=tmp_path / "sharded",
+        no_dist=True,
+    )
+    torch.save({"global_step": 3, "hyper_parameters": {"lr": 0.1}}, tmp_path / "sharded" / "meta.pt")
     read = read_checkpoint(tmp_path / "sharded")
-    assert torch.equal(read["state_dict"]["w"], state["state_dict"]["w"]) and read["global_step"] == 3
+    assert torch.equal(read["state_dict"]["w"], weights["w"]) and read["global_step"] == 3
+    assert read["hyper_parameters"] == {"lr": 0.1} and "optimizer_0" not in read
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty is a folder but not a sharded checkpoint"):
         read_checkpoint(tmp_path / "empty")
