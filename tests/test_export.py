@@ -227,6 +227,7 @@ def test_a_cli_fit_of_ccmp_tiny_exports_safetensors_that_predict_the_same(in_tmp
             assert torch.equal(x.mask, y.mask) and torch.equal(x.cls, y.cls)
 
 
+@pytest.mark.slow
 def test_a_flow_grpo_checkpoint_exports_its_lora_by_default(tmp_path):
     from diffusers import FluxKontextPipeline
 

@@ -45,7 +45,7 @@ def first_batch(datamodule: MultiRefDataModule) -> dict:
     return next(iter(datamodule.train_dataloader()))
 
 
-@pytest.mark.parametrize("drop_text", [0.0, 0.5])
+@pytest.mark.parametrize("drop_text", [0.0, pytest.param(0.5, marks=pytest.mark.slow)])
 def test_training_on_the_cache_gives_the_loss_of_training_on_the_images(shards, tmp_path, drop_text):
     model = tiny("flux_kontext", drop_text=drop_text)
     model.trainer = L.Trainer(**QUIET)  # the step counter (0) and accumulate_grad_batches
