@@ -47,9 +47,12 @@ the batches they had made.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.budget import MODES, ROUNDINGS, BudgetError, fit_to_budget, reference_capacity, tokens
-from datamodules.webdataset import IMAGE_EXTS, BadSample, SkipSample, WebDataModule
+from datamodules.cache import cached_transform, collate_cached
+from datamodules.webdataset import IMAGE_EXTS, BadSample, SkipSample, WebDataModule, read_index
 
 MAX_REFS = 6  # UniPic-3: 1-6 input images
 REF_MEMBER = re.compile(r"ref(\d+)\.([a-z]+)")
@@ -86,6 +90,22 @@ def resize_image(x: Tensor, size: tuple[int, int]) -> Tensor:
         return x
     out = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
     return out.clamp(-1.0, 1.0)
+
+
+def nearest_bucket(width: int, height: int, buckets: tuple[tuple[int, int], ...]) -> int:
+    """The index of the bucket (w, h) whose aspect ratio is nearest to width / height (in log ratio; first on ties)."""
+    ratio = np.log(width / height)
+    return int(np.argmin([abs(np.log(w / h) - ratio) for w, h in buckets]))
+
+
+def cover_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a [3, H, W] image to cover (w, h) = `size` (bicubic, antialias) and centre-crop it to exactly that."""
+    w, h = size
+    scale = max(w / x.shape[-1], h / x.shape[-2])
+    cover = (max(w, round(x.shape[-1] * scale)), max(h, round(x.shape[-2] * scale)))
+    resized = resize_image(x, cover)
+    top, left = (resized.shape[-2] - h) // 2, (resized.shape[-1] - w) // 2
+    return resized[:, top : top + h, left : left + w]
 
 
 def mentioned_images(instruction: str) -> list[int]:
@@ -202,6 +222,7 @@ class MultiRefTransform:
     train: bool = True
     task_mix: SharedTaskMix | tuple[tuple[str, float], ...] | None = None  # live (shared) or fixed
     drop_text: float = 0.0
+    buckets: tuple[tuple[int, int], ...] | None = None  # training target sizes (w, h): aspect buckets
     _mix: SharedTaskMix = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -257,9 +278,16 @@ class MultiRefTransform:
             )
         if self.train and self.drop_text > 0 and rng.random() < self.drop_text:
             instruction = ""
+        bucket = None
+        if self.train and self.buckets:
+            bucket = nearest_bucket(target_img.shape[-1], target_img.shape[-2], self.buckets)
+            target = cover_crop(target_img, self.buckets[bucket])
+        else:
+            target = resize_image(target_img, target_size)
         return {
             "refs": [resize_image(x, s) for x, s in zip(images, ref_sizes)],
-            "target": resize_image(target_img, target_size),
+            "target": target,
+            "bucket": bucket,
             "instruction": instruction,
             "task": task,
             "n_refs": n,
@@ -270,7 +298,12 @@ class MultiRefTransform:
 
 
 def collate_multiref(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Examples -> a batch: images stay lists (their sizes differ), counts become tensors."""
+    """Examples -> a batch: images stay lists (their sizes differ), counts become tensors.
+
+    Examples read from a latent cache (`data.cache_dir`) collate with `datamodules.cache.collate_cached`.
+    """
+    if examples and examples[0].get("cached"):
+        return collate_cached(examples)
     refs = [e["refs"] for e in examples]
     targets = [e["target"] for e in examples]
     return {
@@ -284,6 +317,7 @@ def collate_multiref(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "ref_budget": torch.tensor([e["ref_budget"] for e in examples], dtype=torch.int64),
         "ref_pixel_cap": torch.tensor([e["ref_pixel_cap"] for e in examples], dtype=torch.int64),
         "meta": [e["meta"] for e in examples],
+        "bucket": [e.get("bucket") for e in examples],
         "__key__": [e.get("__key__", "") for e in examples],
     }
 
@@ -319,6 +353,14 @@ class MultiRefDataModule(WebDataModule):
             (kept share of t proportional to w_t times its frequency); a task not named is left out.
             None: keep all. Evaluation is never thinned.
         drop_text: Training probability of an empty instruction (for classifier-free guidance).
+        aspect_buckets: Training target sizes `[[w, h], ...]` (e.g. the same area at 1:1, 4:3, 3:4, 16:9, 9:16):
+            each training target is resized to cover the bucket nearest its aspect ratio and centre-cropped to it,
+            and every training batch holds targets of one bucket (no padding, one shape), in a deterministic,
+            resumable order (`datamodules.webdataset.bucketed_batches`). Evaluation keeps `target_budget`.
+        cache_dir: A latent cache of the training split (`omnilab data cache`, datamodules/cache.py): training
+            batches then carry the cached VAE latents and text states (`batch["cached"]`) instead of images,
+            and FlowEdit skips its encoders; validation and test still read the images. The cache has the
+            budget it was written at (`set_pixel_budget` to another one is refused).
         **kwargs: The `WebDataModule` arguments (data_dir, shards, batch sizes, workers, seed, ...).
     """
 
@@ -338,9 +380,19 @@ class MultiRefDataModule(WebDataModule):
         target_like_ref: bool = False,
         task_mix: dict[str, float] | None = None,
         drop_text: float = 0.0,
+        cache_dir: str | None = None,
+        aspect_buckets: list[list[int]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.cache_dir = cache_dir
+        self.buckets = tuple((int(w), int(h)) for w, h in aspect_buckets) if aspect_buckets else None
+        for w, h in self.buckets or ():
+            if w < multiple or h < multiple or w % multiple or h % multiple:
+                raise ValueError(
+                    f"data.aspect_buckets: {w}x{h} must be positive multiples of data.multiple={multiple}"
+                )
+        self.bucketed = self.buckets is not None  # TrainStream: batches of one bucket
         if budget_mode not in MODES:
             raise ValueError(f"data.budget_mode {budget_mode!r} is not one of {', '.join(MODES)}")
         if rounding not in ROUNDINGS:
@@ -370,6 +422,11 @@ class MultiRefDataModule(WebDataModule):
         """Resize the references under budget B (B² pixels) from now on, in running workers too."""
         if int(budget) < self.min_side:
             raise ValueError(f"pixel budget {budget} is below data.min_side={self.min_side}")
+        if self.cache_dir is not None and int(budget) != self.budget:
+            raise ValueError(
+                f"pixel budget {budget}: the latent cache data.cache_dir={self.cache_dir} was written at one budget "
+                f"({self.budget}); write a cache per budget stage or train on the images"
+            )
         self._live_budget[0] = int(budget)
 
     @property
@@ -387,8 +444,33 @@ class MultiRefDataModule(WebDataModule):
         """The training task mix the transform uses now (None: every task)."""
         return self._live_mix.read()
 
-    def transform(self, train: bool) -> MultiRefTransform:
-        """The budgeted decode (train: with task mixing and text dropout), as a picklable callable."""
+    def shard_spec(self, split: str) -> str | None:
+        """The raw shards of a split; the cache's for training when `cache_dir` is set."""
+        if split == "train" and self.cache_dir is not None and self.specs.get("train") is None:
+            pattern = Path(self.cache_dir) / "train-*.tar"
+            if not glob.glob(str(pattern)):
+                raise FileNotFoundError(
+                    f"data.cache_dir={self.cache_dir} has no train-*.tar: write it with `omnilab data cache`"
+                )
+            return str(pattern)
+        return super().shard_spec(split)
+
+    def shard_counts(self) -> dict[str, int]:
+        """The samples per shard of the raw index.json and of the cache's."""
+        counts = super().shard_counts()
+        index = read_index(self.cache_dir) or {}
+        for info in (index.get("splits") or {}).values():
+            for name, count in zip(info.get("shards") or [], info.get("counts") or []):
+                counts[os.path.abspath(Path(self.cache_dir) / name)] = int(count)
+        return counts
+
+    def transform(self, train: bool) -> Any:
+        """The budgeted decode (train: with task mixing and text dropout), as a picklable callable.
+
+        Training from a cache (`cache_dir`): the cached sample's latents and text states as they are.
+        """
+        if train and self.cache_dir is not None:
+            return cached_transform
         return MultiRefTransform(
             budget=self._live_budget,
             base_budget=self.budget,
@@ -403,6 +485,7 @@ class MultiRefDataModule(WebDataModule):
             train=train,
             task_mix=self._live_mix,
             drop_text=self.drop_text,
+            buckets=self.buckets,
         )
 
     def collate(self) -> Any:

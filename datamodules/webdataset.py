@@ -533,6 +533,8 @@ class TrainStream(_Stream):
             num_streams,
         )
         self.epoch, self.start_batch = 0, 0
+        # set by the DataModule: batches of one `bucket` (datamodules.multiref aspect buckets)
+        self.bucketed = False
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         """Start the next iteration at batch `start_batch` of `epoch`."""
@@ -596,9 +598,40 @@ class TrainStream(_Stream):
         mine = [v for v in range(streams) if v % workers == slot and (v // workers) % self.world == self.rank]
         done = max(0, -(-(self.start_batch - slot) // workers))  # batches of this slot already delivered
         counter = self.counter(worker)
+        if self.bucketed:  # batches of one bucket: replayed from the epoch's start, the first `done` dropped
+            its = [self._stream(v, streams, 0, counter) for v in mine]
+            batches = itertools.islice(bucketed_batches(its, per_stream, self.batch_size), done, None)
+            for _, examples in zip(range(first, self.batches_per_epoch, workers), batches):
+                yield self.collate(examples)
+            return
         its = [self._stream(v, streams, done * per_stream, counter) for v in mine]
         for _ in range(first, self.batches_per_epoch, workers):
             yield self.collate([ex for it in its for ex in itertools.islice(it, per_stream)])
+
+
+def bucketed_batches(
+    streams: list[Iterator[dict[str, Any]]], per_stream: int, batch_size: int
+) -> Iterator[list[dict[str, Any]]]:
+    """Batches whose examples share `example["bucket"]`: the streams are read in the unbucketed order (`per_stream`
+    from each in turn) into one queue per bucket, and a queue that reaches `batch_size` is a batch.
+
+    Deterministic (a function of the streams' order), so a resumed run that replays the epoch from its start and
+    drops the batches already made continues exactly; examples left in unfilled queues at the epoch's end are not
+    trained on (as a last partial batch is dropped).
+    """
+    queues: dict[Any, list[dict[str, Any]]] = {}
+    while True:
+        for it in streams:
+            taken = 0
+            for example in itertools.islice(it, per_stream):
+                taken += 1
+                queue = queues.setdefault(example.get("bucket"), [])
+                queue.append(example)
+                if len(queue) == batch_size:
+                    yield queue
+                    queues[example.get("bucket")] = []
+            if taken < per_stream:
+                return
 
 
 class EvalStream(_Stream):
@@ -921,6 +954,7 @@ class WebDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 num_streams=self.num_streams,
             )
+            stream.bucketed = bool(getattr(self, "bucketed", False))
         else:
             stream = EvalStream(**common)
         loader = StreamLoader(stream, self.num_workers, position=self._position, placement=self._placement)

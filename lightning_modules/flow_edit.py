@@ -39,7 +39,13 @@ from torch import Tensor, nn
 from callbacks.images import to_pil
 from lightning_modules.components import flow
 from lightning_modules.components.backbones import build_backbone
-from lightning_modules.components.packed_dit import FluxKontext, PackedDiT, QwenImageEdit, SD3Kontext
+from lightning_modules.components.packed_dit import (
+    FluxKontext,
+    PackedDiT,
+    QwenImageEdit,
+    SD3Kontext,
+    TextConditioning,
+)
 from lightning_modules.components.text import TextEncoder, build_text_encoder
 from omnilab.attention import apply_attention
 from omnilab.fsdp import clip_grad_norm, is_sharded_state
@@ -493,9 +499,64 @@ class FlowEdit(L.LightningModule):
             i += len(sample)
         return out, latents[i:]
 
+    def batch_latents(self, batch: dict[str, Any]) -> tuple[list[list[Tensor]], list[Tensor]]:
+        """(reference latents per sample, target latents): the cache's when the batch carries them, else the VAE's.
+
+        A batch read from a latent cache (`data.cache_dir`, datamodules/cache.py) has `batch["cached"]` with the
+        latents the frozen VAE made of these samples, so the VAE is not run.
+        """
+        cached = batch.get("cached")
+        if cached is None:
+            return self.encode_batch(batch)
+        refs = [[r.to(self.device) for r in sample] for sample in cached["refs"]]
+        return refs, [t.to(self.device) for t in cached["target"]]
+
+    def batch_text(self, batch: dict[str, Any], prompts: list[str], keep: Tensor) -> TextConditioning:
+        """The text conditioning of `prompts`: the cache's states when the batch carries them, else the encoder's.
+
+        With a cache, only the dropped prompts (keep False, CFG training) are encoded, as the empty prompt; that
+        needs no references for SD3 and FLUX, while the Qwen VLM reads the references' pixels, which a cached
+        batch does not carry (use drop_text 0 with a Qwen cache).
+        """
+        cached = batch.get("cached")
+        if cached is None:
+            return self.text_encoder(prompts, batch["refs"])
+        text = cached["text"]
+        text = TextConditioning(
+            text.hidden.to(self.device),
+            text.mask.to(self.device),
+            None if text.pooled is None else text.pooled.to(self.device),
+        )
+        dropped = [i for i, k in enumerate(keep.tolist()) if not k]
+        if not dropped:
+            return text
+        if self.family == "qwen_image_edit":
+            raise ValueError(
+                "drop_text with cached Qwen text states: the empty prompt's states depend on the references' "
+                "pixels, which a cached batch lacks; set drop_text: 0 or train on the images"
+            )
+        empty = self.text_encoder([""] * len(dropped))
+        length = max(text.hidden.shape[1], empty.hidden.shape[1])
+        hidden = torch.nn.functional.pad(text.hidden, (0, 0, 0, length - text.hidden.shape[1]))
+        mask = torch.nn.functional.pad(text.mask, (0, length - text.mask.shape[1]))
+        pooled = None if text.pooled is None else text.pooled.clone()
+        for j, i in enumerate(dropped):
+            n = empty.hidden.shape[1]
+            hidden[i] = 0
+            hidden[i, :n] = empty.hidden[j].to(hidden.dtype)
+            mask[i] = False
+            mask[i, :n] = empty.mask[j]
+            if pooled is not None:
+                pooled[i] = empty.pooled[j].to(pooled.dtype)
+        return TextConditioning(hidden, mask, pooled)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """L = mean ||v_θ(x_σ, refs, σ, text) − (ε − x0)||² over the target latents (UniPic-3 / SELF SFT)."""
-        refs, x0 = self.encode_batch(batch)
+        """L = mean ||v_θ(x_σ, refs, σ, text) − (ε − x0)||² over the target latents (UniPic-3 / SELF SFT).
+
+        A batch from a latent cache (`batch["cached"]`) skips the VAE and the text encoder (`batch_latents`,
+        `batch_text`): the same loss as on the images, at the cost of reading the cache.
+        """
+        refs, x0 = self.batch_latents(batch)
         target_tokens = [self.tokens(x) for x in x0]
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
         sigma, keep, noise = self.draw(
@@ -503,7 +564,7 @@ class FlowEdit(L.LightningModule):
         )
         prompts = [p if k else "" for p, k in zip(batch["instruction"], keep.tolist())]
         with torch.no_grad():
-            text = self.text_encoder(prompts, batch["refs"])
+            text = self.batch_text(batch, prompts, keep)
         eps = [n.to(x.device) for n, x in zip(noise, x0)]
         sigma = sigma.to(self.device)
         x_sigma = [flow.interpolate(x, e, s) for x, e, s in zip(x0, eps, sigma)]

@@ -395,6 +395,28 @@ def _serve(argv: list[str]) -> None:
 COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm, "serve": _serve}
 
 
+def _export(argv: list[str]) -> None:
+    from omnilab.export import main as export_main
+
+    export_main(argv)
+
+
+COMMANDS["export"] = _export
+
+
+def _data_or_cache(argv: list[str]) -> None:
+    """`omnilab data cache ...` (datamodules/cache.py), else the `data` command."""
+    if argv and argv[0] == "cache":
+        from datamodules.cache import main as cache_main
+
+        cache_main(argv[1:])
+    else:
+        _data(argv)
+
+
+COMMANDS["data"] = _data_or_cache
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `omnilab` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
