@@ -32,6 +32,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 EXPERIMENTS_DIR = "experiments"
 PROCESS_TAG, RESUMES_TAG = "omnilab.process", "omnilab.resumes"  # process: "<pid>@<host>" (never a number)
 CHECKPOINT_KEY = "mlflow"  # checkpoint["mlflow"] = {"run_id", "tracking_uri"}
+COMMAND_TAG = "omnilab.command"  # fit | validate | test | predict (compare shows fits only)
+EVALUATES_TAG = "omnilab.evaluates"  # an eval / predict run: the run folder (id) of the fit it evaluates
 
 
 def tracking_uri() -> str:
@@ -143,6 +145,23 @@ def continue_run(client: Any, run_id: str) -> None:
         client.set_tag(run_id, key, value)
 
 
+def start_run(
+    client: Any, experiment: str, run_name: str, tags: Mapping[str, Any], artifact_location: str | None = None
+) -> str:
+    """Create the MLflow run of a fit now (the experiment too, if new) and return its id, which names the run
+    folder; MLFlowLogger then logs to it (`run_id`) as to a run it had created itself."""
+    from lightning.pytorch.loggers.mlflow import _get_resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None and exp.lifecycle_stage != "deleted":
+        experiment_id = exp.experiment_id
+    else:
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    tags = _get_resolve_tags()({**{k: str(v) for k, v in tags.items()}, MLFLOW_RUN_NAME: run_name})
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
 def run_identity(config_paths: Iterable[str | os.PathLike]) -> tuple[str, str, str | None]:
     """(method, run name, config path) from the last config under experiments/<method>/ (not _base)."""
     for path in reversed([Path(str(p)) for p in config_paths]):
@@ -199,9 +218,11 @@ class TrackConfig(SaveConfigCallback):
                 checkpoint[CHECKPOINT_KEY] = {"run_id": logger._run_id, "tracking_uri": logger._tracking_uri}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Write `<default_root_dir>/config.yaml` (overwriting) and log it once per run."""
+        """Take rank 0's run folder on every process; write `<default_root_dir>/<config_filename>` and log it."""
         if self.already_saved:
             return
+        # processes started by another launcher (srun, torchrun) could not know the folder rank 0 chose
+        trainer._default_root_dir = trainer.strategy.broadcast(trainer.default_root_dir)
         if trainer.is_global_zero:
             root = Path(trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)

@@ -85,11 +85,10 @@ def test_a_mistyped_key_fails_naming_it(in_tmp, capsys):
 def test_fit_names_the_run_saves_config_and_tests_best(in_tmp):
     exp = toy_experiment(in_tmp)
     main(["fit", "--config", BASE, "--config", str(exp), "--trainer.logger=false"])
-    run = in_tmp / "runs" / "toy" / "tiny"
+    run = in_tmp / "runs" / "toy" / "tiny" / "latest"
     assert (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").exists()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["seed_everything"] == 0 and saved["model"]["class_path"] == "tests.toy.ToyModule"
-    main(["fit", "--config", BASE, "--config", str(exp), "--trainer.logger=false"])  # config overwritten
 
 
 def test_run_identity_and_flattened_config():

@@ -88,7 +88,7 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
     )  # fmt: skip
     method, name = path.parent.name, path.stem
     written = "bench/summary.json" if test_only else "checkpoints/last.ckpt"
-    assert (in_tmp / "runs" / method / name / written).exists()
+    assert (in_tmp / "runs" / method / name / "latest" / written).exists()
 
 
 def _test_only(path: Path) -> bool:
