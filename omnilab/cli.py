@@ -40,6 +40,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint, check_writable
 from callbacks.health import RunHealth
 from omnilab.allowlist import RefusedImport, check_config, check_import_path, guard_imports, safe_resolvers
+from omnilab.configs import merging_dicts
 from omnilab.runs import (
     CHECKPOINTS,
     RUN_DIR_ENV,
@@ -154,8 +155,9 @@ class OmnilabCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse with only omegaconf's own resolvers available to `${...}` (allowlist.safe_resolvers)."""
-        with safe_resolvers():
+        """Parse with only omegaconf's own resolvers available to `${...}` (allowlist.safe_resolvers), dict-valued
+        arguments merging key by key at any depth (omnilab/configs.py)."""
+        with safe_resolvers(), merging_dicts():
             super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -187,7 +189,9 @@ class OmnilabCLI(LightningCLI):
             return
         method, name, _ = run_identity(cfg.get("config") or [])
         try:
-            path, how = find_checkpoint(str(ckpt_path), experiment_dir(method, name), resume=subcommand == "fit")
+            path, how = find_checkpoint(
+                str(ckpt_path), experiment_dir(method, name), resume=subcommand == "fit"
+            )
         except NoCheckpoint as err:
             self.parser.error(f"{err}; nothing was started")
         cfg.ckpt_path = str(path)
@@ -294,7 +298,9 @@ class OmnilabCLI(LightningCLI):
                     run_id = None
         settle_killed_runs(client, init.experiment_name, init.run_name, keep=run_id)
         if run_id is None and start:
-            run_id = start_run(client, init.experiment_name, init.run_name, init.tags, init.get("artifact_location"))
+            run_id = start_run(
+                client, init.experiment_name, init.run_name, init.tags, init.get("artifact_location")
+            )
             init.run_id = run_id
         return run_id
 
@@ -320,7 +326,9 @@ class OmnilabCLI(LightningCLI):
     def after_fit(self) -> None:
         """Test the best checkpoint in the same run, when the data has a test split; then the summary."""
         has_split = getattr(self.datamodule, "has_split", None)
-        if self.config.fit.get("test_after_fit", True) and not (callable(has_split) and not has_split("test")):
+        if self.config.fit.get("test_after_fit", True) and not (
+            callable(has_split) and not has_split("test")
+        ):
             ckpt = self.trainer.checkpoint_callback
             best = "best" if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
