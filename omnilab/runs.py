@@ -119,7 +119,9 @@ def find_checkpoint(spec: str, exp_dir: str | os.PathLike, resume: bool) -> tupl
             return path, "as given"  # a file, or a sharded (FSDP) checkpoint folder
         run = path if (path / CHECKPOINTS).is_dir() else latest_run(path)
         if run is None:
-            raise NoCheckpoint(f"--ckpt_path {spec}: neither a checkpoint, a run folder nor an experiment folder")
+            raise NoCheckpoint(
+                f"--ckpt_path {spec}: neither a checkpoint, a run folder nor an experiment folder"
+            )
         how = f"run folder {run}" if run == path else f"the latest run of {path}"
     ckpt = checkpoint_in(run, resume)
     if ckpt is None:

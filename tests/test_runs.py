@@ -32,7 +32,10 @@ def test_each_fit_gets_its_own_folder_and_latest_names_the_newest(in_tmp, capsys
     assert latest_run(in_tmp / "runs" / "toy" / "tiny") == second
     for run in (first, second):  # each run whole in its folder, no best-v1.ckpt beside another run's files
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert "lr: 0.05" in (second / "config.yaml").read_text() and "lr: 0.05" not in (first / "config.yaml").read_text()
+    assert (
+        "lr: 0.05" in (second / "config.yaml").read_text()
+        and "lr: 0.05" not in (first / "config.yaml").read_text()
+    )
     out = capsys.readouterr().out
     assert f"run folder     runs/toy/tiny/{second.name}  (latest)" in out  # the summary
     assert f"best checkpoint runs/toy/tiny/{second.name}/checkpoints/best.ckpt  val/loss = " in out
@@ -46,13 +49,20 @@ def test_eval_and_predict_use_latest_say_so_and_write_into_that_run(in_tmp, caps
     capsys.readouterr()
     main(["test", "--config", str(exp), "--ckpt_path", "latest"])
     out = capsys.readouterr().out
-    assert f"omnilab test uses checkpoint runs/toy/tiny/latest/checkpoints/best.ckpt" not in out  # resolved
-    assert f"omnilab test uses checkpoint {run.relative_to(in_tmp)}/checkpoints/best.ckpt (the latest run" in out
+    assert "omnilab test uses checkpoint runs/toy/tiny/latest/checkpoints/best.ckpt" not in out  # resolved
+    assert (
+        f"omnilab test uses checkpoint {run.relative_to(in_tmp)}/checkpoints/best.ckpt (the latest run" in out
+    )
     main(["predict", "--config", str(exp), "--ckpt_path", "latest"])
     out = capsys.readouterr().out
-    assert f"written        {run.relative_to(in_tmp)}/predict_config.yaml, {run.relative_to(in_tmp)}/predictions" in out
+    assert (
+        f"written        {run.relative_to(in_tmp)}/predict_config.yaml, {run.relative_to(in_tmp)}/predictions"
+        in out
+    )
     assert len((run / "predictions" / "toy.jsonl").read_text().splitlines()) == 4  # the 4 test samples
-    assert (run / "test_config.yaml").is_file() and (run / "config.yaml").read_bytes() == config  # not overwritten
+    assert (run / "test_config.yaml").is_file() and (
+        run / "config.yaml"
+    ).read_bytes() == config  # not overwritten
     assert runs_of(in_tmp) == [run]  # eval and predict made no run folder of their own
     main(["fit", "--config", str(exp), "--ckpt_path", str(run), "--test_after_fit=false"])  # a run folder
     assert "resumes from checkpoint" in capsys.readouterr().out
@@ -121,10 +131,14 @@ def test_a_resumed_fit_continues_its_folder_and_mlflow_run(in_tmp, capsys):
 
 def test_make_eval_predict_and_resume_default_to_latest():
     def dry(*args: str) -> str:
-        done = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            ["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+        )
         return done.stdout
 
-    assert "test --config" in dry("eval", "EXP=ccmp/tiny") and "--ckpt_path latest" in dry("eval", "EXP=ccmp/tiny")
+    assert "test --config" in dry("eval", "EXP=ccmp/tiny") and "--ckpt_path latest" in dry(
+        "eval", "EXP=ccmp/tiny"
+    )
     assert "predict --config" in dry("predict") and "--ckpt_path latest" in dry("predict")
     assert "fit --config" in dry("resume") and "--ckpt_path latest" in dry("resume")
     assert "--ckpt_path runs/x.ckpt" in dry("eval", "CKPT=runs/x.ckpt")

@@ -157,7 +157,16 @@ def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_whole(in_tmp):
 
 def test_the_checkpoint_callback_cleans_stale_temp_files_at_start(in_tmp):
     exp = toy_experiment(in_tmp)
-    main(["fit", "--config", str(exp), "--trainer.max_steps=1", "--trainer.max_epochs=-1", "--test_after_fit=false"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(exp),
+            "--trainer.max_steps=1",
+            "--trainer.max_epochs=-1",
+            "--test_after_fit=false",
+        ]
+    )
     ckpts = in_tmp / "runs" / "toy" / "tiny" / "latest" / "checkpoints"
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -181,9 +190,7 @@ def test_an_unwritable_checkpoint_folder_stops_before_any_work(in_tmp, capsys):
               "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger", f"--trainer.logger.tracking_uri={uri}"])  # fmt: skip
     err = capsys.readouterr().err
     assert "checkpoint folder" in err and "blocker/checkpoints" in err and "not writable" in err
-    assert (
-        not (in_tmp / "mlruns").exists() and not list((in_tmp / "runs").rglob("config.yaml"))
-    )
+    assert not (in_tmp / "mlruns").exists() and not list((in_tmp / "runs").rglob("config.yaml"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
