@@ -14,6 +14,9 @@ CLUSTER ?=
 NODES ?= 1
 GPUS ?= 8
 HOURS ?= 24
+PARTITION ?=
+ACCOUNT ?=
+MEM ?=
 DRY ?=
 METRIC ?=
 PY := $(VENV)/bin/python
@@ -50,9 +53,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 install: $(STAMP) ## create .venv, install torch (TORCH=2.13.0) and the suite; CUDA=1: torch 2.10 + xformers
 
-train: install ## fit then test an experiment: EXP=ccmp/tiny [ARGS=...] [WITH=bf16,ddp] [CLUSTER=slurm NODES= GPUS= [DRY=1]]
+train: install ## fit then test an experiment: EXP=ccmp/tiny [ARGS=...] [WITH=bf16,ddp] [CLUSTER=slurm NODES= GPUS= PARTITION= ACCOUNT= MEM= [DRY=1]]
 ifeq ($(CLUSTER),slurm)
-	$(OMNILAB) slurm --nodes $(NODES) --gpus $(GPUS) --hours $(HOURS) $(if $(DRY),--dry-run) -- fit $(CONFIGS) $(ARGS)
+	$(OMNILAB) slurm --nodes $(NODES) --gpus $(GPUS) --hours $(HOURS) $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(MEM),--mem $(MEM)) $(if $(DRY),--dry-run) -- fit $(CONFIGS) $(ARGS)
 else
 	$(OMNILAB) fit $(CONFIGS) $(ARGS)
 endif

@@ -17,4 +17,13 @@ BENCHMARKS: dict[str, str] = {
     "grpo_replication": "Flow-GRPO / MSGRPO / PDTR mini-replication: reward rise, per-reference rules, stage order",
     "judge_throughput": "Judge calls/s with N concurrent requests vs sequential on a local server; cached rerun calls",
     "mico_judge_replication": "VIEScore vs Weighted-Ref-VIEScore with a small trained local judge: rank agreement with exact quality",
+    "fsdp_memory": "FSDP per block vs one unit on 2 CPU processes: peak memory per process, as ratios",
+    "gpu": "the packed DiTs at full size on one GPU: step time, peak memory, tokens/s, MFU; attention paths",
+    "reward_replication": "JRM mini-replication: held-out pairwise accuracy of BT only vs JRM at several lambdas",
+    "spatialreward_replication": "SpatialReward mini-replication: verdicts with vs without edit-region boxes",
+    "reward_rl_replication": "GRPO on the tiny editing policy with BT, JRM and SpatialReward rewards: held-out redness",
+    "reward_throughput": "Reward models: head vs generative verdict pairs/s, MC-BT vs BT step, served vs in-process",
+    "pure_sampling": "PURE: entropy top-k vs fixed top-k cost per token, KV cache vs none, tokens/s vs weights roofline",
+    "pure_replication": "PURE mini-replication: entropy vs fixed top-k vs greedy; perceive-understand-restore vs restore-only",
 }
+NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing

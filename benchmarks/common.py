@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +53,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def code_sha() -> str:
+    """The commit the benchmark code ran at: HEAD, with `-dirty` when tracked files other than the results
+    (RESULTS.md and its plots, which the benchmarks themselves write) differ from it; 'unknown' outside git."""
+    root = RESULTS.parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno", "--", ".", ":(exclude)benchmarks/RESULTS.md", ":(exclude)benchmarks/*.png"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty.strip() else "")
+
+
 def record(
     name: str,
     title: str,
@@ -59,10 +77,12 @@ def record(
     notes: str = "",
     metrics: dict[str, float] | None = None,
 ) -> str:
-    """Replace the `name` section of RESULTS.md with these rows (and log the metrics to MLflow)."""
-    from omnilab.tracking import git_sha
+    """Replace the `name` section of RESULTS.md with these rows (and log the metrics to MLflow).
 
-    sha = git_sha()
+    The section marker carries the commit it ran at (`code_sha`): tests/test_benchmarks.py checks that it is not
+    older than the last commit that touched the benchmark's module.
+    """
+    sha = code_sha()
     body = (
         f"<!-- bench:{name} sha={sha} -->\n## {title}\n\n"
         f"Measured {datetime.date.today().isoformat()} at commit {sha[:12]} on {machine()} "
@@ -90,4 +110,6 @@ def log_mlflow(name: str, metrics: dict[str, float]) -> None:
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("benchmarks")
     with mlflow.start_run(run_name=name, tags={"git_sha": git_sha(), "command": command_line()}):
-        mlflow.log_metrics({k.replace("%", "pct"): float(v) for k, v in metrics.items()})
+        # MLflow names: alphanumerics, _ - . space : / only
+        names = {k: re.sub(r"[^A-Za-z0-9_\-. :/]", "_", k.replace("%", "pct")) for k in metrics}
+        mlflow.log_metrics({names[k]: float(v) for k, v in metrics.items()})

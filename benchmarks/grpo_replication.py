@@ -1,4 +1,4 @@
-"""Flow-GRPO / MSGRPO / PDTR mini-replication on CPU (shared/methods/rl_grpo_dmd.md §1, §3, §6; ABSTRACTS.md §2, §9).
+"""Flow-GRPO / MSGRPO / PDTR mini-replication on CPU (docs/methods/flow_grpo.md; UniRef-Image-Edit and UniPic 2.0 papers).
 
 Three claims tested in miniature, each with the suite's real loop (FlowGRPO + GRPORollouts [+ DualTaskSchedule]):
 (a) Flow-GRPO raises the reward: the mean training reward and, on HELD-OUT prompts, the ODE-sampled reward
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         results_b = {}
         for rule in ("sum_then_normalize", "msgrpo"):
             weights = {"consistency": 1.0, "min": 0.0} if rule == "msgrpo" else None
-            cb = callback(per_ref, eval_b, rule=rule, weights=weights)
+            scope = "group" if rule == "sum_then_normalize" else None  # msgrpo normalises itself
+            cb = callback(per_ref, eval_b, rule=rule, weights=weights, std_scope=scope)
             model = build(vae, args.lr, seed)
             probe = _EvalHistory()
             run(f"b-{rule}", model, cb, loader(compose, 2, 10**6, seed), held_b, steps, every, [probe])

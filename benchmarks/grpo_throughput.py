@@ -1,6 +1,6 @@
 """Flow-GRPO cost on CPU: rollout images/s, rollout vs update share, a 2-step window vs all steps, reference memory.
 
-Measures (shared/methods/rl_grpo_dmd.md §1, §6.3; DESIGN.md "Speed claims are ratios ... in one run"):
+Measures (docs/methods/flow_grpo.md; docs/architecture.md):
 - rollout images/s of `FlowGRPO.sample_with_logprob` (SDE with log-probs) at T steps, and the share of a GRPO
   iteration (rollout of N trajectories + the update over their trained steps) spent in the rollout;
 - Flow-GRPO-Fast: a 2-step high-noise window (SDE + training on 2 steps, ODE elsewhere) vs training all T steps:

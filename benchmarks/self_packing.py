@@ -1,18 +1,23 @@
 """Training throughput of SELF packing vs the peers' naive padding, on mixes of 1-6 references of varied sizes.
 
-Both arms train the same tiny Qwen-Image-Edit packed backend (`QwenImageEdit.from_spec(config=...)`, the
+Every arm trains the same tiny Qwen-Image-Edit packed backend (`QwenImageEdit.from_spec(config=...)`, the
 backbone of experiments/_base/tiny_flow_qwen.yaml) with the same optimizer step: forward of the flow loss
-through the packed backend, backward, AdamW. The inputs are random latents of the sizes the two resize rules
-give for one seeded mix of reference sets (no VAE or text encoder, so they do not dominate the time):
+through the packed backend, backward, AdamW. The inputs are random latents of the sizes the resize rules give
+for one seeded mix of reference sets (no VAE or text encoder, so they do not dominate the time). An arm is a
+resize rule, a padding rule and a batch size:
 
-- SELF (UniRef): the references of a sample resized jointly under the global budget (`fit_to_budget` mode
-  "joint", floor rounding) and every sequence padded to the fixed length max_ref_tokens + the batch's largest
-  target (FlowEdit's `max_ref_tokens`, the budget's (B / pixels per token)² tokens).
-- naive (Qwen-Image-Edit-Plus, FLUX.2): each reference resized on its own to the budget (mode "independent")
-  and the batch padded to its longest sequence.
+- resize "joint" (SELF, UniRef): a sample's references resized together under the global budget
+  (`fit_to_budget` mode "joint", floor rounding); "independent" (Qwen-Image-Edit-Plus, FLUX.2): each on its own.
+- padding "fixed" (SELF): every sequence padded to max_ref_tokens + the batch's largest target (FlowEdit's
+  `max_ref_tokens: budget`, the budget's (B / pixels per token)² tokens); "longest": the batch padded to its
+  longest sequence (at batch 1: no padding at all).
 
-Both arms enlarge small images to the budget by default (UniPic-3's joint rule does; Qwen-Image-Edit-Plus
-resizes every reference to the full budget); `--no-upscale` is the datamodule's default instead.
+Three comparisons, each changing one thing: SELF's fixed length against padding to the longest under the same
+joint resize (the packing's own effect); joint against independent resizing, both padded to the longest (the
+resize rule's effect; the two together were the old single ratio); and the shipped `uniref/sft` settings (no
+upscaling, batch 1, `max_ref_tokens: budget`) against batch 1 without padding. The batch-4 arms enlarge small
+images to the budget (UniPic-3's joint rule does; Qwen-Image-Edit-Plus resizes every reference to the full
+budget); `--no-upscale` turns that off for them too.
 
 The geometry is the real one (B = 1024 px, sides multiples of 32, min side 128, 16 px per token, originals
 512-2048 px) scaled by 1/8 in pixels onto the tiny VAE's 4 px per token, so a side snaps at the same
@@ -86,10 +91,12 @@ def latent(size: tuple[int, int], channels: int, gen: torch.Generator) -> torch.
     return torch.randn(channels, h // LATENT_FACTOR, w // LATENT_FACTOR, generator=gen)
 
 
-def make_batches(mix: list, mode: str, args: argparse.Namespace, channels: int) -> list[Batch]:
+def make_batches(
+    mix: list, mode: str, args: argparse.Namespace, channels: int, upscale: bool, padding: str
+) -> list[Batch]:
     """Resize every sample's refs under `mode`, the target under its own budget; latents; the padded length."""
     gen = torch.Generator().manual_seed(args.seed + 1)
-    fit = dict(multiple=args.multiple, min_side=args.min_side, upscale=args.upscale, rounding="floor")
+    fit = dict(multiple=args.multiple, min_side=args.min_side, upscale=upscale, rounding="floor")
     ppt = LATENT_FACTOR * 2
     batches = []
     for samples in mix:
@@ -101,9 +108,9 @@ def make_batches(mix: list, mode: str, args: argparse.Namespace, channels: int) 
             targets.append(latent(tsize, channels, gen))
             target_tokens.append((tsize[0] // ppt) * (tsize[1] // ppt))
             lengths.append(target_tokens[-1] + sum((w // ppt) * (h // ppt) for w, h in sizes))
-        if mode == "joint":  # SELF: fixed length max_ref_tokens + the batch's largest target
+        if padding == "fixed":  # SELF: fixed length max_ref_tokens + the batch's largest target
             max_tokens = (args.budget // ppt) ** 2 + max(target_tokens)
-        else:  # naive: the batch's longest sequence
+        else:  # the batch's longest sequence
             max_tokens = None
         length = max(lengths) if max_tokens is None else max_tokens
         batches.append(Batch(targets, refs, max_tokens, sum(lengths), len(lengths) * length))
@@ -152,11 +159,30 @@ class Arm:
         return time.perf_counter() - start
 
 
+ARMS = {  # name: (resize mode, padding, batch 1 with the shipped uniref/sft settings)
+    "SELF: joint, fixed length": ("joint", "fixed", False),
+    "joint, padded to longest": ("joint", "longest", False),
+    "naive: independent, padded to longest": ("independent", "longest", False),
+    "uniref/sft: joint, no upscale, batch 1, fixed length": ("joint", "fixed", True),
+    "joint, no upscale, batch 1, no padding": ("joint", "longest", True),
+}
+RATIOS = {  # what each comparison changes: (numerator arm, denominator arm)
+    "fixed length / padded to longest (joint): the packing's own effect": (
+        "SELF: joint, fixed length", "joint, padded to longest"),
+    "joint / independent (both padded to longest): the resize rule's effect": (
+        "joint, padded to longest", "naive: independent, padded to longest"),
+    "SELF / naive (both changes, the old single ratio)": (
+        "SELF: joint, fixed length", "naive: independent, padded to longest"),
+    "uniref/sft fixed length / no padding (batch 1)": (
+        "uniref/sft: joint, no upscale, batch 1, fixed length", "joint, no upscale, batch 1, no padding"),
+}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Build the two arms on one seeded mix, alternate their passes, write the table."""
+    """Build the arms on one seeded mix, alternate their passes, write the table."""
     parser = argparse.ArgumentParser(prog="omnilab bench self_packing")
     parser.add_argument(
-        "--batches", type=int, default=8, help="batches per pass (the same mix for both arms)"
+        "--batches", type=int, default=8, help="batches per pass (the same mix for every arm)"
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="alternating passes per arm")
@@ -166,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-side", type=int, default=16, help="min side in px (real 128 / 8)")
     parser.add_argument("--sides", type=int, nargs=2, default=[64, 256], help="original sides, px (real / 8)")
     parser.add_argument(
-        "--no-upscale", dest="upscale", action="store_false", help="never enlarge (the datamodule's default)"
+        "--no-upscale", dest="upscale", action="store_false", help="never enlarge in the batch-4 arms too"
     )
     parser.add_argument("--text-len", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -175,80 +201,86 @@ def main(argv: list[str] | None = None) -> None:
     config = tiny_backbone_config()
     channels = config["in_channels"] // 4
     mix = draw_mix(args.batches, args.batch_size, args.seed, *args.sides)
-    arms = {
-        "SELF (joint budget, fixed length)": Arm(make_batches(mix, "joint", args, channels), config, args.seed, args.text_len),
-        "naive (independent, pad to longest)": Arm(make_batches(mix, "independent", args, channels), config, args.seed, args.text_len),
-    }  # fmt: skip
+    singles = [[sample] for batch in mix for sample in batch]  # the same samples at batch 1
+    arms = {}
+    for name, (mode, padding, sft) in ARMS.items():
+        batches = make_batches(
+            singles if sft else mix, mode, args, channels, args.upscale and not sft, padding
+        )
+        arms[name] = Arm(batches, config, args.seed, args.text_len)
     for arm in arms.values():  # warm-up pass
         arm.run()
     times = interleaved({name: arm.run for name, arm in arms.items()}, args.repeats)
-    rows = []
+    rows, by_name = [], {}
     n_samples = args.batches * args.batch_size
     for name, arm in arms.items():
         med = statistics.median(times[name])
         real = sum(b.real_tokens for b in arm.batches)
         slots = sum(b.slots for b in arm.batches)
+        row = {
+            "arm": name,
+            "padding fraction %": 100 * (1 - real / slots),
+            "real image tokens / sample": real / n_samples,
+            "padded length (mean)": slots / n_samples,
+            "batch slots max / min": max(b.slots for b in arm.batches) / min(b.slots for b in arm.batches),
+            "step s (median)": med / len(arm.batches),
+            "real tokens/s": real / med,
+            "samples/s": n_samples / med,
+        }
+        rows.append(row)
+        by_name[name] = row
+    figures = {f"padding_pct/{name}": row["padding fraction %"] for name, row in by_name.items()}
+    for label, (num, den) in RATIOS.items():
+        a, b = by_name[num], by_name[den]
         rows.append(
             {
-                "arm": name,
-                "padding fraction %": 100 * (1 - real / slots),
-                "real image tokens / sample": real / n_samples,
-                "padded length (mean)": slots / n_samples,
-                "batch slots max / min": max(b.slots for b in arm.batches)
-                / min(b.slots for b in arm.batches),
-                "step s (median)": med / args.batches,
-                "real tokens/s": real / med,
-                "samples/s": n_samples / med,
+                "arm": f"ratio {label}",
+                "padding fraction %": "",
+                "real image tokens / sample": a["real image tokens / sample"]
+                / b["real image tokens / sample"],
+                "padded length (mean)": a["padded length (mean)"] / b["padded length (mean)"],
+                "batch slots max / min": "",
+                "step s (median)": "",
+                "real tokens/s": a["real tokens/s"] / b["real tokens/s"],
+                "samples/s": a["samples/s"] / b["samples/s"],
             }
         )
-    self_row, naive_row = rows
-    figures = {
-        "self_padding_pct": self_row["padding fraction %"],
-        "naive_padding_pct": naive_row["padding fraction %"],
-        "self_real_tokens_per_s": self_row["real tokens/s"],
-        "naive_real_tokens_per_s": naive_row["real tokens/s"],
-        "samples_per_s_ratio": self_row["samples/s"] / naive_row["samples/s"],
-        "real_tokens_per_s_ratio": self_row["real tokens/s"] / naive_row["real tokens/s"],
-    }
-    rows.append(
-        {
-            "arm": "ratio SELF / naive",
-            "padding fraction %": "",
-            "real image tokens / sample": self_row["real image tokens / sample"] / naive_row["real image tokens / sample"],
-            "padded length (mean)": self_row["padded length (mean)"] / naive_row["padded length (mean)"],
-            "batch slots max / min": "",
-            "step s (median)": self_row["step s (median)"] / naive_row["step s (median)"],
-            "real tokens/s": figures["real_tokens_per_s_ratio"],
-            "samples/s": figures["samples_per_s_ratio"],
-        }
-    )  # fmt: skip
+        figures[f"samples_per_s_ratio/{label.split(':')[0]}"] = a["samples/s"] / b["samples/s"]
     path = resolve_attention_path(arms[next(iter(arms))].backend.attention_path, "cpu")
     upscale = (
-        "small images enlarged to the budget (UniPic-3's rule; Qwen-Image-Edit-Plus resizes every reference to "
-        "the full budget)"
+        "the batch-4 arms enlarge small images to the budget (UniPic-3's rule; Qwen-Image-Edit-Plus resizes "
+        "every reference to the full budget)"
         if args.upscale
-        else "no upscaling"
+        else "no arm enlarges"
     )
     notes = (
         f"Tiny Qwen-Image-Edit packed backend (experiments/_base/tiny_flow_qwen.yaml: {config['num_layers']} layers, "
         f"width {config['num_attention_heads'] * config['attention_head_dim']}), called directly "
         f"(`QwenImageEdit.from_spec(config=...)`), attention path `{path}` (SDPA with the padding mask: on CPU the "
-        f"padding is computed, then masked). {args.batches} batches of {args.batch_size} samples, 1-6 references "
-        f"each (uniform), original sides log-uniform in {args.sides[0]}-{args.sides[1]} px, seed {args.seed}; the "
-        f"same mix for both arms. Budget {args.budget} px refs / {args.target_budget} px target, multiple "
-        f"{args.multiple}, min side {args.min_side}, {upscale}, floor rounding (the real geometry / 8 at 4 px per "
-        f"token: {(args.budget // 4) ** 2} reference tokens). One step = forward + backward of the flow loss + AdamW "
-        f"on random latents of the resized sizes and random text states ({args.text_len} tokens); timed passes "
-        f"alternate between the arms after a warm-up pass, median of {args.repeats} passes. Padding fraction = padded "
-        "image-token slots / all slots (B x padded length). The arms do different work by design: naive keeps every "
-        "reference near the budget, so its samples are longer; `real tokens/s` is the per-token efficiency, "
-        "`samples/s` the training speed on the same data. `batch slots max / min`: the costliest batch's B x padded "
-        "length over the cheapest's, the step-time spread between DDP ranks that draw different batches (SELF's "
-        "fixed length leaves only the target's size to vary, so ranks stay balanced without reordering samples). "
-        "SELF target: padding <= 5%. Load average at start "
-        f"{load[0]:.2f} / {load[1]:.2f} (1 / 5 min) on a machine shared with other jobs."
+        f"padding is computed, then masked). One mix of {n_samples} samples, 1-6 references each (uniform), original "
+        f"sides log-uniform in {args.sides[0]}-{args.sides[1]} px, seed {args.seed}: {args.batches} batches of "
+        f"{args.batch_size} for the first three arms, the same samples one by one for the two batch-1 arms. Budget "
+        f"{args.budget} px refs / {args.target_budget} px target, multiple {args.multiple}, min side {args.min_side}, "
+        f"{upscale}; the batch-1 arms never enlarge (the shipped uniref/sft: the datamodule's default); floor "
+        f"rounding (the real geometry / 8 at 4 px per token: {(args.budget // 4) ** 2} reference tokens). One step "
+        f"= forward + backward of the flow loss + AdamW on random latents of the resized sizes and random text "
+        f"states ({args.text_len} tokens); timed passes alternate between the arms after a warm-up pass, median of "
+        f"{args.repeats} passes. Padding fraction = padded image-token slots / all slots (B x padded length). Each "
+        "ratio row changes one thing (its label says which), except the one that repeats the old SELF / naive "
+        "figure; the resize rules do different work by design (independent keeps every reference near the budget, "
+        "so its samples are longer): `real tokens/s` is the per-token efficiency, `samples/s` the training speed on "
+        "the same data. `batch slots max / min`: the costliest batch's B x padded length over the cheapest's, the "
+        "step-time spread between DDP ranks that draw different batches. At batch 1 without upscaling, SELF's fixed "
+        "length pads every sample's references up to the whole budget: the padding the shipped config pays. "
+        f"Load average at start {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) on a machine shared with other jobs."
     )
-    record("self_packing", "SELF packing vs naive padding: training throughput", rows, notes, figures)
+    record(
+        "self_packing",
+        "SELF packing vs padding: the packing and the resize rule, separated",
+        rows,
+        notes,
+        figures,
+    )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 """UniRef-Image-Edit mini-replication: the progressive pixel budget, and composition quality by reference count.
 
-UniRef's claims (ABSTRACTS.md §2; shared/methods/multiref_mico.md §1): SELF packs 1-6 references under one
+UniRef's claims (UniRef-Image-Edit paper; docs/methods/uniref.md): SELF packs 1-6 references under one
 global pixel budget, and training with a budget that grows 1024² -> 1536² -> 2048² reaches the high-budget
 model more cheaply than training at the highest budget throughout. In miniature, on CPU, with the tiny
 Qwen-Image-Edit FlowEdit of experiments/uniref/tiny.yaml (budgets 64 -> 96 -> 128 px at 4 px per token stand
 for 1024 -> 1536 -> 2048) on the generated multiref shards (`omnilab data synth multiref`):
 
-(a) Two runs, same seed, data and number of steps: the progressive schedule (`PixelBudgetSchedule`, milestones at
-    40% and 70% of the steps, as tiny.yaml's 40/70 of 100) vs the highest budget throughout. Both are validated
+(a) Two arms, each run with 3 seeds (model init, data order, noise), the same data and number of steps: the
+    progressive schedule (`PixelBudgetSchedule`, milestones at 40% and 70% of the steps, as tiny.yaml's 40/70 of
+    100) vs the highest budget throughout; mean and spread over the seeds, and the per-seed difference. Both are validated
     AT THE HIGHEST BUDGET (the validation switches the datamodule to it and back): the flow loss at fixed sigmas
     with noise seeded by sample key, against the wall-clock time spent training (validation excluded). Both
     curves go to MLflow (experiment `uniref-replication`) and to benchmarks/uniref_budget.png.
 (b) Held-out generated samples with exactly 1, 3 and 6 references (edits for 1, compositions for 3 and 6),
-    resized under the highest budget: each trained model samples the target (the tiny YAML's sampler: 8
+    resized under the highest budget: each trained model of the first seed samples the target (the tiny YAML's sampler: 8
     Euler steps, true CFG 4 with the norm rescale; and without CFG), scored by PSNR against the exact rendered
     target in [-1, 1] (peak-to-peak 2). Trivial baselines on the same samples: image 1 resized to the target
     size, and the mean colour of the training targets.
@@ -124,34 +125,40 @@ def tiny_init() -> dict[str, Any]:
 
 
 def fit(
-    name: str, data_dir: Path, root: Path, progressive: bool, args: argparse.Namespace
+    name: str, data_dir: Path, root: Path, progressive: bool, args: argparse.Namespace, seed: int
 ) -> tuple[FlowEdit, ValidateAtBudget]:
-    """Train one arm; returns the model and its validation curve."""
+    """Train one arm with one seed; returns the model and its validation curve."""
     init = tiny_init()
     low, mid, high = args.budgets
-    L.seed_everything(args.seed)
+    L.seed_everything(seed)
     model = FlowEdit(
         **{
             **init["model"],
             "lr": args.lr,
             "drop_text": args.drop_text,
             "val_sample_steps": 0,
-            "seed": args.seed,
+            "seed": seed,
         }
     )
     data = MultiRefDataModule(**{
         **init["data"], "data_dir": str(data_dir), "synth": False, "batch_size": args.batch_size,
         "eval_batch_size": args.batch_size, "batches_per_epoch": args.steps, "num_workers": 0,
-        "budget": low if progressive else high, "seed": args.seed,
+        "budget": low if progressive else high, "seed": seed,
     })  # fmt: skip
     validate = ValidateAtBudget(high)
     callbacks: list[Callback] = [validate]
     if progressive:
         steps = [0, round(args.switch[0] * args.steps), round(args.switch[1] * args.steps)]
         callbacks.append(PixelBudgetSchedule(dict(zip(steps, (low, mid, high))), log_every_n_steps=10))
-    logger = MLFlowLogger(EXPERIMENT, run_name=name, tracking_uri=tracking_uri())
+    logger = MLFlowLogger(EXPERIMENT, run_name=f"{name} seed {seed}", tracking_uri=tracking_uri())
     logger.log_hyperparams(
-        {"arm": name, "steps": args.steps, "budgets": str(args.budgets), "batch_size": args.batch_size}
+        {
+            "arm": name,
+            "seed": seed,
+            "steps": args.steps,
+            "budgets": str(args.budgets),
+            "batch_size": args.batch_size,
+        }
     )
     trainer = L.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
@@ -252,19 +259,25 @@ def composition_scores(
     return rows, metrics
 
 
-def reading(train_rows: list[dict[str, Any]]) -> str:
+def reading(without_refs: list[float], finals: list[float]) -> str:
     """What (b) can say: nothing about reference counts when the models barely use their references."""
-    rises = [r["same, refs taken out"] / r["final val loss @ max budget"] - 1 for r in train_rows]
+    rises = [w / f - 1 for w, f in zip(without_refs, finals)]
     if max(rises) >= 0.02:
         return ""
     return (
         "Reading: taking the references out raises the final val loss by only "
         + " / ".join(f"{x:.1%}" for x in rises)
-        + " (the arms in order): at this size and length the models learn the targets' colour statistics, not to "
-        "copy from the references, so their PSNRs sit near the mean-colour baseline, do not move with CFG and do not "
-        "separate the arms. (b) is a working harness here, not evidence about reference counts; it needs a model "
-        "that uses its references (more steps, a wider DiT, a GPU).\n\n"
+        + " (the arms in order, first seed): at this size and length the models learn the targets' colour "
+        "statistics, not to copy from the references, so their PSNRs sit near the mean-colour baseline, do not move "
+        "with CFG and do not separate the arms. (b) is a working harness here, not evidence about reference counts; "
+        "it needs a model that uses its references (more steps, a wider DiT, a GPU).\n\n"
     )
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± sample std (min..max)' of a few values."""
+    m, sd = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{m:.4f} ± {sd:.4f} ({min(values):.4f}..{max(values):.4f})"
 
 
 def plot(curves: dict[str, ValidateAtBudget], switch_seconds: list[float], path: Path) -> None:
@@ -292,9 +305,10 @@ def plot(curves: dict[str, ValidateAtBudget], switch_seconds: list[float], path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train both arms, compare their curves, score composition by reference count, write the tables."""
+    """Train both arms with each seed, compare them, score composition by reference count, write the tables."""
     parser = argparse.ArgumentParser(prog="omnilab bench uniref_replication")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
@@ -304,51 +318,71 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--switch", type=float, nargs=2, default=[0.4, 0.7], help="milestones, fractions of steps"
     )
-    parser.add_argument("--val-every", type=int, default=30)
-    parser.add_argument("--val-batches", type=int, default=4)
+    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--val-batches", type=int, default=2)
     parser.add_argument("--train-samples", type=int, default=512)
     parser.add_argument("--val-samples", type=int, default=16)
     parser.add_argument("--ref-counts", type=int, nargs="+", default=[1, 3, 6])
     parser.add_argument("--test-per-count", type=int, default=10)
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--guidance", type=float, nargs="+", default=[4.0, 1.0])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=PLOT)
     args = parser.parse_args(argv)
+    args.seed = args.seeds[0]  # (b) samples with the first seed's models and noise
     load = os.getloadavg()
     synth_seed = 1
     started = time.perf_counter()
+    low, mid, high = args.budgets
+    arms = {f"progressive {low}->{mid}->{high}": True, f"highest budget {high} throughout": False}
+    runs: dict[str, list[ValidateAtBudget]] = {name: [] for name in arms}
+    models: dict[str, FlowEdit] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data_dir = root / "multiref"
         synthesize("multiref", data_dir, samples={"train": args.train_samples, "val": args.val_samples, "test": 0}, seed=synth_seed)  # fmt: skip
-        low, mid, high = args.budgets
-        arms = {
-            f"progressive {low}->{mid}->{high}": True,
-            f"highest budget {high} throughout": False,
-        }
-        models, curves = {}, {}
-        for name, progressive in arms.items():
-            models[name], curves[name] = fit(name, data_dir, root / name.split()[0], progressive, args)
+        for seed in args.seeds:
+            for name, progressive in arms.items():
+                model, curve = fit(
+                    name, data_dir, root / f"{name.split()[0]}-{seed}", progressive, args, seed
+                )
+                runs[name].append(curve)
+                if seed == args.seed:
+                    models[name] = model
     train_rows, metrics = [], {}
-    for name, cb in curves.items():
-        step, seconds, loss = cb.curve[-1]
-        best = min(v for _, _, v in cb.curve)
-        train_rows.append({"arm": name, "steps": step, "train wall s": seconds, "train CPU s": cb.cpu_seconds, "token slots (M)": cb.tokens / 1e6, "final val loss @ max budget": loss, "same, refs taken out": cb.without_refs, "best val loss": best})  # fmt: skip
+    for name, cbs in runs.items():
+        finals = [cb.curve[-1][2] for cb in cbs]
         key = name.split()[0]
-        metrics.update(
+        train_rows.append(
             {
-                f"{key}_final_val_loss": loss,
-                f"{key}_val_loss_without_refs": cb.without_refs,
-                f"{key}_token_slots": cb.tokens,
-                f"{key}_train_seconds": seconds,
-                f"{key}_train_cpu_seconds": cb.cpu_seconds,
+                "arm": name,
+                "seeds": len(cbs),
+                "final val loss @ max budget, mean ± std (min..max)": spread(finals),
+                "refs taken out, mean": float(np.mean([cb.without_refs for cb in cbs])),
+                "train wall s, mean": float(np.mean([cb.curve[-1][1] for cb in cbs])),
+                "train CPU s, mean": float(np.mean([cb.cpu_seconds for cb in cbs])),
+                "token slots (M)": float(np.mean([cb.tokens for cb in cbs])) / 1e6,
             }
         )
-    prog, full = (train_rows[0], train_rows[1])
-    # the time the full-budget arm needed to first reach the progressive arm's final loss (if it did)
-    full_cb = curves[next(reversed(curves))]
-    reached = [s for _, s, v in full_cb.curve if v <= prog["final val loss @ max budget"]]
+        metrics.update(
+            {f"{key}_final_val_loss_mean": float(np.mean(finals)), f"{key}_token_slots": cbs[0].tokens}
+        )
+        for seed, final in zip(args.seeds, finals):
+            metrics[f"{key}_final_val_loss_seed{seed}"] = final
+    prog_runs, full_runs = runs.values()
+    diffs = [p.curve[-1][2] - f.curve[-1][2] for p, f in zip(prog_runs, full_runs)]
+    d_mean, d_sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+    metrics["final_val_loss_difference_mean"] = d_mean
+    within = abs(d_mean) <= 2 * d_sd / math.sqrt(len(diffs)) if len(diffs) > 1 else True
+    verdict = (
+        "within seed noise: at this size the two arms end at the same loss, so the miniature shows the progressive "
+        "schedule's lower cost, not a difference in the result"
+        if within
+        else ("lower" if d_mean < 0 else "higher") + " for the progressive arm beyond seed noise"
+    )
+    time_ratio = float(np.mean([p.curve[-1][1] / f.curve[-1][1] for p, f in zip(prog_runs, full_runs)]))
+    cpu_ratio = float(np.mean([p.cpu_seconds / f.cpu_seconds for p, f in zip(prog_runs, full_runs)]))
+    token_ratio = prog_runs[0].tokens / full_runs[0].tokens
+    curves = {name: cbs[0] for name, cbs in runs.items()}
     prog_cb = curves[next(iter(curves))]
     switch_steps = [round(f * args.steps) for f in args.switch]
     steps_at, seconds_at, _ = zip(*prog_cb.curve)
@@ -363,36 +397,35 @@ def main(argv: list[str] | None = None) -> None:
         for name, cb in curves.items()
     )
     shown = args.plot.resolve().relative_to(ROOT) if args.plot.resolve().is_relative_to(ROOT) else args.plot
+    first = [cbs[0] for cbs in runs.values()]
     notes = (
         f"(a) FlowEdit with the tiny Qwen-Image-Edit backbone of experiments/_base/tiny_flow_qwen.yaml (SELF: "
         f"`max_ref_tokens: budget`, refs padded to (B/4)² tokens), {args.steps} steps of batch {args.batch_size}, "
-        f"lr {args.lr} (warm-up 10, cosine), text dropout {args.drop_text}, seed {args.seed}, on {args.train_samples} "
-        f"generated multiref samples (0-6 refs); progressive milestones at steps {switch_steps} "
-        f"(budgets {low}/{mid}/{high} px = {(low // 4) ** 2}/{(mid // 4) ** 2}/{(high // 4) ** 2} ref tokens, standing "
-        f"for 1024/1536/2048). Validation every {args.val_every} steps at budget {high} on {args.val_batches} batches of "
-        f"{args.val_samples} held-out samples (flow loss at sigmas 0.25/0.5/0.75, noise seeded by key). Ratio of "
-        f"training time progressive / full: {prog['train wall s'] / full['train wall s']:.3f} wall-clock, "
-        f"{prog['train CPU s'] / full['train CPU s']:.3f} CPU, "
-        f"{prog['token slots (M)'] / full['token slots (M)']:.3f} image-token slots; the full-budget run "
-        + (
-            f"first reached the progressive run's final loss after {min(reached):.0f} s. "
-            if reached
-            else "never reached the progressive run's final loss. "
-        )
-        + f"Curves (step:loss@seconds) — {curve_text}. Plot: {shown}; "
-        f"MLflow experiment `{EXPERIMENT}`.\n\n"
+        f"lr {args.lr} (warm-up 10, cosine), text dropout {args.drop_text}, seeds {args.seeds} (init, data order, "
+        f"noise; the same {args.train_samples} generated multiref samples, 0-6 refs); progressive milestones at steps "
+        f"{switch_steps} (budgets {low}/{mid}/{high} px = {(low // 4) ** 2}/{(mid // 4) ** 2}/{(high // 4) ** 2} ref "
+        f"tokens, standing for 1024/1536/2048). Validation every {args.val_every} steps at budget {high} on "
+        f"{args.val_batches} batches of {args.val_samples} held-out samples (flow loss at sigmas 0.25/0.5/0.75, noise "
+        f"seeded by key). Final val loss, progressive minus highest, per seed: "
+        + ", ".join(f"{d:+.4f}" for d in diffs)
+        + f" (mean {d_mean:+.4f}, std {d_sd:.4f}): {verdict}. Training cost progressive / highest (mean over seeds): "
+        f"{time_ratio:.3f} wall-clock, {cpu_ratio:.3f} CPU, {token_ratio:.3f} image-token slots (the token count does "
+        f"not depend on the load). Shortened from 300 to {args.steps} steps so that 3 seeds per arm fit the shared "
+        f"CPU. First seed's curves (step:loss@seconds) — {curve_text}. Plot (first seed): {shown}; MLflow experiment "
+        f"`{EXPERIMENT}`.\n\n"
         f"(b) Held-out generated samples ({args.test_per_count} per reference count; 1 ref = edits, 3 and 6 = "
         f"compositions), refs resized under budget {high}, targets at the {tiny_init()['data']['target_budget']} px "
-        f"target budget; each model samples with {args.sample_steps} Euler steps, true CFG with the norm rescale "
-        "(CFG 1 = the conditional branch only); PSNR (dB) against the exact rendered target in [-1, 1], mean over "
-        "samples, higher is better. The paper-side reference: composition quality falls as references are added "
-        "(UniPic-3 0.82 at 2-3 inputs, 0.63 at 4-6 on MultiCom-Bench); at this scale the trivial baselines say how "
-        f"far the tiny model is from doing nothing useful.\n\n{table(quality_rows)}\n\n{reading(train_rows)}"
+        f"target budget; each model of the first seed samples with {args.sample_steps} Euler steps, true CFG with "
+        "the norm rescale (CFG 1 = the conditional branch only); PSNR (dB) against the exact rendered target in "
+        "[-1, 1], mean over samples, higher is better. The paper-side reference: composition quality falls as "
+        "references are added (UniPic-3 0.82 at 2-3 inputs, 0.63 at 4-6 on MultiCom-Bench); at this scale the "
+        f"trivial baselines say how far the tiny model is from doing nothing useful.\n\n{table(quality_rows)}\n\n"
+        f"{reading([cb.without_refs for cb in first], [cb.curve[-1][2] for cb in first])}"
         f"Whole run {total / 60:.1f} min; load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the start, "
         f"{end_load[0]:.2f} / {end_load[1]:.2f} at the end, on a machine shared with other jobs: the wall-clock "
-        "figures carry that noise (the arms ran one after the other)."
+        "figures carry that noise (the runs went one after the other)."
     )
-    title = "UniRef mini-replication: progressive pixel budget; composition by reference count"
+    title = "UniRef mini-replication: progressive pixel budget (3 seeds); composition by reference count"
     record("uniref_replication", title, train_rows, notes, metrics)
 
 

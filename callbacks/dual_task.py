@@ -1,13 +1,15 @@
 """PDTR as a Callback: RL in stages (text-to-image, then editing), each stage from the previous stage's weights.
 
-Implements UniPic 2.0's Progressive Dual-Task Reinforcement (ABSTRACTS.md §9) as the notes reproduce it
-(shared/methods/rl_grpo_dmd.md §3 [inference]: "two sequential Flow-GRPO runs with different prompt sets and
+Implements UniPic 2.0's Progressive Dual-Task Reinforcement (UniPic 2.0 paper) as the notes reproduce it
+(docs/methods/flow_grpo.md: "two sequential Flow-GRPO runs with different prompt sets and
 rewards, the second starting from the stage-1 weights"). The callback knows no method: it switches what the
 GRPO callback trains on through `SupportsStageSwitch` (callbacks/grpo.py's `GRPORollouts.set_stage`: the data
-tasks and the reward of the stage), the data through `SupportsTaskMix` when the datamodule offers it (else the
-GRPO callback's task filter alone picks the stage's samples), and, with `restart_adapter`, merges the stage's
-LoRA into the base weights and starts a fresh adapter through `SupportsAdapterRestart` (the default continues
-the same adapter, so stage 2 starts from stage 1's weights either way).
+tasks and the reward of the stage), the data through `SupportsTaskMix` when the datamodule offers it
+(`datamodules.multiref.MultiRefDataModule` does, in running workers too: a stage's batches then hold only its
+tasks, and the GRPO callback's task filter drops only what workers had made before a switch; without it the
+filter picks the stage's samples out of mixed batches and the others go unused), and, with `restart_adapter`,
+merges the stage's LoRA into the base weights and starts a fresh adapter through `SupportsAdapterRestart` (the
+default continues the same adapter, so stage 2 starts from stage 1's weights either way).
 
 A stage is {name, steps, tasks, reward}: `steps` optimizer steps (the last stage may give None: until the run
 ends), `tasks` the data tasks it trains on ("t2i", "edit", ...), `reward` the GRPO reward of the stage
@@ -23,6 +25,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from rewards.remote import check_reward_servers
 
 
 class Stage(TypedDict, total=False):
@@ -140,7 +144,11 @@ class DualTaskSchedule(Callback):
         self._changed = True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Apply the current stage: stage 0 on a fresh run, the restored one (keeping its rollout) on resume."""
+        """Apply the current stage: stage 0 on a fresh run, the restored one (keeping its rollout) on resume.
+
+        Every stage's reward servers must answer now (a later stage's missing server would stop the run hours in).
+        """
+        check_reward_servers([spec.get("reward") for spec in self.stages])
         self._apply(trainer, fresh_rollout=not self._restored)
         self._last_step = None if not self._restored else self._last_step
         self._restored = False

@@ -5,15 +5,26 @@ fp32 (before `start_step` the EMA simply follows θ). With `evaluate_ema`, valid
 run on the EMA weights, swapped in at the loop's start and swapped back at its end. The EMA lives in
 the callback's `state_dict()`, which Lightning writes into every checkpoint, so a resumed run continues
 it exactly and `trainer.test(ckpt_path=...)` evaluates it (a module loaded on its own has only θ).
+
+Under FSDP each rank's parameters are its shards (use_orig_params views), so each rank averages its own shards.
+With sharded checkpoints (`state_dict_type: sharded`) Lightning writes callback states from rank 0 only; there
+the EMA shards travel in the sharded model state instead, one key set per rank (`_ema_rank<r>.<name>`, written
+by that rank through torch.distributed.checkpoint), and each rank reads its own back from the checkpoint folder
+when the run resumes or evaluates it (same world size and wrapping; otherwise a clear error).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
+
+from omnilab.fsdp import is_sharded_state
+
+SHARD_KEY = "_ema_rank{rank}.{name}"  # an EMA shard's key in a sharded FSDP checkpoint's model state
 
 
 class EMA(Callback):
@@ -38,6 +49,8 @@ class EMA(Callback):
         self.num_updates = 0
         self._step_before = 0
         self._backup: list[Tensor] | None = None
+        self._sharded_names: list[str] | None = None  # restored from a sharded checkpoint: still to be read
+        self._trainer: Trainer | None = None
 
     @staticmethod
     def _params(pl_module: LightningModule) -> dict[str, nn.Parameter]:
@@ -46,6 +59,8 @@ class EMA(Callback):
     def _ema_and_params(self, pl_module: LightningModule) -> tuple[list[Tensor], list[Tensor]]:
         """The EMA tensors (on the parameters' device) and the parameters, in the same order."""
         params = self._params(pl_module)
+        if self._sharded_names is not None:
+            self._read_shards(params)
         if not self.ema:
             self.ema = {n: p.detach().float().clone() for n, p in params.items() if p.requires_grad}
         if missing := self.ema.keys() - params.keys():
@@ -53,9 +68,50 @@ class EMA(Callback):
         self.ema = {n: t.to(params[n].device) for n, t in self.ema.items()}
         return list(self.ema.values()), [params[n] for n in self.ema]
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Keep the trainer: its checkpoint path holds the EMA shards of a sharded FSDP checkpoint."""
+        self._trainer = trainer
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Start the EMA from the current weights, unless a checkpoint restored it."""
         self._ema_and_params(pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """In a sharded FSDP checkpoint, move this rank's EMA shards into the sharded model state (module doc)."""
+        state = checkpoint.get("state_dict")
+        if not self.ema or state is None or not is_sharded_state(state):
+            return
+        for name, tensor in self.ema.items():
+            state[SHARD_KEY.format(rank=trainer.global_rank, name=name)] = tensor
+        own = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if own is not None:
+            own["ema"] = {}
+            own["sharded"] = {"names": list(self.ema), "world_size": trainer.world_size}
+
+    def _read_shards(self, params: dict[str, nn.Parameter]) -> None:
+        """Read this rank's EMA shards from the sharded checkpoint the trainer restored."""
+        import torch.distributed.checkpoint as dcp
+
+        names, self._sharded_names = self._sharded_names, None
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None)
+        if path is None or not Path(path).is_dir():
+            raise RuntimeError(
+                f"EMA: the restored checkpoint keeps its EMA shards in a sharded checkpoint folder, but the trainer's "
+                f"checkpoint path is {path!r}"
+            )
+        rank = trainer.global_rank
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"EMA state names parameters the module does not have: {missing[:5]}")
+        templates = {
+            SHARD_KEY.format(rank=rank, name=n): torch.empty_like(params[n], dtype=torch.float32)
+            for n in names
+        }
+        dcp.load({"model": templates}, checkpoint_id=path)
+        self.ema = {n: templates[SHARD_KEY.format(rank=rank, name=n)] for n in names}
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -125,5 +181,14 @@ class EMA(Callback):
         return {"ema": dict(self.ema), "num_updates": self.num_updates}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the EMA (moved to the parameters' device on first use)."""
+        """Restore the EMA (moved to the parameters' device on first use; from a sharded checkpoint: read then)."""
         self.ema, self.num_updates = dict(state_dict["ema"]), state_dict["num_updates"]
+        sharded = state_dict.get("sharded")
+        if sharded is not None:
+            world = getattr(self._trainer, "world_size", None)
+            if world != sharded["world_size"]:
+                raise RuntimeError(
+                    f"EMA: the checkpoint's EMA is sharded over {sharded['world_size']} processes, this run has "
+                    f"{world}; resume a sharded FSDP checkpoint with the same number of processes"
+                )
+            self._sharded_names = list(sharded["names"])

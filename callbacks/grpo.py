@@ -1,11 +1,11 @@
 """Flow-GRPO rollouts as a Callback: sample groups with the SDE, score, compute advantages, hand them to the module.
 
-Implements the loop side of shared/methods/rl_grpo_dmd.md §1 (Flow-GRPO: G trajectories per prompt with the
+Implements the loop side of docs/methods/flow_grpo.md (Flow-GRPO: G trajectories per prompt with the
 ODE->SDE sampler, per-prompt advantages with the std over the group or the batch, advantage clipping, groups
 without signal dropped, several optimizer steps per rollout, the trained-step subsets of Flow-GRPO and
 Flow-GRPO-Fast), §2 (TRL's std scopes, DanceGRPO's random steps), §3 (combined rewards: sum-then-normalise,
-normalise-then-sum, the notes' MSGRPO proposal for UniRef-Image-Edit, ABSTRACTS.md §2) and §6.1-4; PDTR
-(UniPic 2.0, ABSTRACTS.md §9) switches this callback's prompts and rewards per stage (callbacks/dual_task.py).
+normalise-then-sum, the notes' MSGRPO proposal for UniRef-Image-Edit, UniRef-Image-Edit paper) and §6.1-4; PDTR
+(UniPic 2.0 paper) switches this callback's prompts and rewards per stage (callbacks/dual_task.py).
 The math is `lightning_modules.components.grpo`; the rewards are `rewards/`.
 
 The callback knows no method. Its contract with the module is `SupportsGRPO`:
@@ -27,6 +27,9 @@ following steps of the cycle are not used. A reward failure (`RewardError`: a re
 not allowed or the wrong shape, a reward server is down or slow) or a rollout where nothing is left to train is
 a counted skip of one step, agreed on all ranks (one all-reduce per rollout); `max_consecutive_skips` failures
 in a row stop the run with a clear message.
+
+Under FSDP the rollouts and held-out samples run through the wrapped model's forward (`omnilab.fsdp.run_in_root`),
+as the training step does, so sharded weights are gathered unit by unit.
 
 Randomness: the initial noise and SDE noise of trajectory k of the rollout at global step s on rank r come
 from `torch_generator(seed, "rollout", s, r, k)`, the window from `(seed, "steps", s)`, the held-out samples
@@ -59,13 +62,15 @@ from torch import Tensor
 from lightning_modules.components.grpo import (
     STD_SCOPES,
     STEP_MODES,
-    group_advantages,
+    gather_groups,
     trained_step_indices,
     zero_advantage_groups,
 )
 from omnilab.allowlist import check_import_path
+from omnilab.fsdp import run_in_root
 from omnilab.seeding import torch_generator
 from rewards.base import REF_KEY, RULES, CombinedReward, RewardError, per_reference
+from rewards.remote import check_reward_servers
 
 ROLLOUT_KEY = "grpo_rollout"
 
@@ -281,6 +286,15 @@ def flat_groups(scores: Mapping[str, Tensor], keys: Sequence[str], group_ids: Te
     return flat
 
 
+def check_std_scope(rule: str, std_scope: str | None) -> None:
+    """Refuse a std_scope with a rule that normalises itself (it would be silently ignored)."""
+    if std_scope is not None and rule != "sum_then_normalize":
+        raise ValueError(
+            f"std_scope={std_scope!r} applies to rule 'sum_then_normalize' only: rule {rule!r} ends with its own "
+            "normalisation over the batch gathered from all processes (GDPO's), so leave std_scope unset"
+        )
+
+
 class GRPOSkipError(RuntimeError):
     """Too many rollout batches in a row were skipped (a reward or reward server keeps failing)."""
 
@@ -318,8 +332,10 @@ class GRPORollouts(Callback):
         steps_per_rollout: Training steps (batches) that consume one rollout, each on one slice of its kept
             trajectories; with the trainer's accumulate_grad_batches A that is steps_per_rollout / A optimizer
             steps per rollout (Flow-GRPO SD3: 2 optimizer steps).
-        std_scope: The advantage std (rule "sum_then_normalize"): "group", "batch" (Flow-GRPO SD3's
-            global_std; here the rank's rollout batch) or "none" (Dr. GRPO). The other rules normalise already.
+        std_scope: The advantage std of rule "sum_then_normalize": "group", "batch" (the default: Flow-GRPO
+            SD3's global_std, the std of the rewards gathered over all processes) or "none" (Dr. GRPO). The
+            other rules end with their own normalisation over the gathered batch (GDPO's), so they refuse a
+            std_scope: leave it unset.
         advantage_clip: Clip advantages to +-this (Flow-GRPO: 5); None: no clipping.
         guidance: Rollout CFG scale (None: the module's sampler default; 1: no-CFG rollouts and training).
         eval_guidance: CFG scale of the held-out samples (None: the module's sampler default).
@@ -349,7 +365,7 @@ class GRPORollouts(Callback):
         window: tuple[int, int] | None = None,
         window_size: int = 2,
         steps_per_rollout: int = 2,
-        std_scope: str = "batch",
+        std_scope: str | None = None,
         advantage_clip: float | None = 5.0,
         guidance: float | None = None,
         eval_guidance: float | None = None,
@@ -362,8 +378,9 @@ class GRPORollouts(Callback):
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule {rule!r} is not one of {', '.join(RULES)}")
-        if std_scope not in STD_SCOPES:
+        if std_scope is not None and std_scope not in STD_SCOPES:
             raise ValueError(f"std_scope {std_scope!r} is not one of {', '.join(STD_SCOPES)}")
+        check_std_scope(rule, std_scope)
         if train_steps not in STEP_MODES:
             raise ValueError(f"train_steps {train_steps!r} is not one of {', '.join(STEP_MODES)}")
         if (
@@ -426,6 +443,7 @@ class GRPORollouts(Callback):
         self.tasks = list(tasks) if tasks is not None else None
         if reward is not None:
             spec = {"weights": None, "rule": "sum_then_normalize", "use_min": False, **dict(reward)}
+            check_std_scope(spec["rule"], self.std_scope)
             self.reward = build_reward(
                 spec["rewards"], spec["weights"], spec["rule"], bool(spec["use_min"]), name="reward"
             )
@@ -442,7 +460,8 @@ class GRPORollouts(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Under DDP a restored mid-cycle rollout is rank 0's: drop it and roll out afresh."""
+        """Stop at once when a reward server does not answer; under DDP drop a restored mid-cycle rollout."""
+        check_reward_servers(self.reward, self.eval_reward)
         if trainer.world_size > 1 and self._buffer is not None:
             self._buffer, self._slices, self._pos = None, [], 0
 
@@ -513,44 +532,55 @@ class GRPORollouts(Callback):
         return out
 
     def _rollout(self, trainer: Trainer, pl_module: LightningModule, batch: Mapping[str, Any]) -> None:
-        """Sample, score and compute advantages; keep the trajectories to train on, or decide to skip."""
+        """Sample and score; gather the scores of all processes and compute the advantages; keep what trains."""
         step, rank = trainer.global_step, trainer.global_rank
         self.rollouts += 1
         index = self._prompts(batch)
         failed, reason = False, ""
-        rollout, advantages, keep = None, None, None
+        rollout, scores = None, None
         if not index:
             self.no_prompts += 1
             reason = "no prompt of the stage's tasks in the batch"
         else:
             try:
-                rollout, advantages, keep = self._sample_and_score(
-                    trainer, pl_module, batch, index, step, rank
-                )
+                rollout, scores = self._sample_and_score(trainer, pl_module, batch, index, step, rank)
             except RewardError as err:
                 failed, reason = True, f"{type(err).__name__}: {err}"
-        empty = keep is None or not bool(keep.any())
-        flags = torch.tensor([float(failed), float(empty)], device=pl_module.device)
-        flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        any_failed, any_empty = float(flags[0]) > 0, float(flags[1]) > 0
-        if any_failed or any_empty:
-            if any_failed:
-                self.skipped += 1
-                self.consecutive += 1
-                pl_module.print(
-                    f"step {step}: GRPO rollout batch skipped on all ranks ({reason or 'another rank failed'})"
+        any_failed = self._any(trainer, pl_module, failed)
+        keep = None
+        if not any_failed:  # every process is here: gather, then the advantages of the whole batch
+            all_scores, all_groups, mine = gather_groups(
+                scores or {}, len(index) if scores else 0, self.group_size
+            )
+            try:
+                advantages = self.reward.advantages(
+                    all_scores, all_groups, self.std_scope, self.advantage_clip
                 )
-                if self.consecutive >= self.max_consecutive_skips:
-                    raise GRPOSkipError(
-                        f"{self.consecutive} GRPO rollout batches in a row were skipped (last at step {step}: "
-                        f"{reason or 'a reward failed on another rank'}); stopping. Check the reward functions and "
-                        f"that the reward server answers within its timeout."
-                    )
-            elif index:  # (a batch without the stage's prompts is counted as no_prompts)
+            except RewardError as err:  # the same data on every process: every process lands here
+                any_failed, reason = True, f"{type(err).__name__}: {err}"
+            else:
+                if scores is not None:
+                    local_groups = all_groups[mine] - all_groups[mine][0]
+                    advantages, keep = self._keep(scores, advantages[mine], local_groups, step)
+        if any_failed:
+            self.skipped += 1
+            self.consecutive += 1
+            pl_module.print(
+                f"step {step}: GRPO rollout batch skipped on all ranks ({reason or 'another rank failed'})"
+            )
+            if self.consecutive >= self.max_consecutive_skips:
+                raise GRPOSkipError(
+                    f"{self.consecutive} GRPO rollout batches in a row were skipped (last at step {step}: "
+                    f"{reason or 'a reward failed on another rank'}); stopping. Check the reward functions and "
+                    f"that the reward server answers within its timeout."
+                )
+            return
+        if self._any(trainer, pl_module, keep is None or not bool(keep.any())):
+            if index:  # (a batch without the stage's prompts is counted as no_prompts)
                 self.empty += 1
             return
         self.consecutive = 0
-        rollout.advantages = advantages
+        rollout.advantages = advantages.to(pl_module.device)
         kept = torch.nonzero(keep).flatten().tolist()
         self._buffer = rollout.select(kept)
         n, u = len(kept), self.steps_per_rollout
@@ -561,6 +591,12 @@ class GRPORollouts(Callback):
             self._slices = [[k % n] for k in range(u)]
         self._pos = 0
 
+    @staticmethod
+    def _any(trainer: Trainer, pl_module: LightningModule, flag: bool) -> bool:
+        """Whether `flag` holds on any process (one all-reduce)."""
+        total = trainer.strategy.reduce(torch.tensor(float(flag), device=pl_module.device), reduce_op="sum")
+        return float(total) > 0
+
     def _sample_and_score(
         self,
         trainer: Trainer,
@@ -569,8 +605,8 @@ class GRPORollouts(Callback):
         index: list[int],
         step: int,
         rank: int,
-    ) -> tuple[Rollout, Tensor, Tensor]:
-        """(rollout, advantages [N], keep [N] bool) of G trajectories for each chosen prompt."""
+    ) -> tuple[Rollout, dict[str, Tensor]]:
+        """(rollout, checked reward scores) of G trajectories for each chosen prompt (this process's)."""
         g = self.group_size
         traj = [i for i in index for _ in range(g)]
         n = len(traj)
@@ -595,31 +631,31 @@ class GRPORollouts(Callback):
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
                 parts.append(
-                    pl_module.sample_with_logprob(
+                    run_in_root(
+                        trainer, pl_module, "sample_with_logprob",
                         refs[lo:hi], prompts[lo:hi], sizes[lo:hi], self.steps, None, train_steps, gens[lo:hi],
                         self.guidance, sde_steps,
                     )
                 )  # fmt: skip
         rollout = Rollout.cat(parts)
         images = [img.detach().float().cpu() for img in rollout.images]
-        group_ids = torch.tensor([p for p, _ in enumerate(index) for _ in range(g)])
-        try:
-            scores = self.reward(images, prompts, [[r.cpu() for r in rs] for rs in refs], meta)
-            combined = self.reward.aggregate(scores, group_ids)
-            scope = self.std_scope if self.reward.rule == "sum_then_normalize" else "none"
-            advantages = group_advantages(combined, group_ids, scope, clip=self.advantage_clip)
-        except ValueError as err:  # e.g. a non-finite combined reward
-            raise RewardError(f"the rewards could not be combined into advantages: {err}") from err
+        scores = self.reward(images, prompts, [[r.cpu() for r in rs] for rs in refs], meta)
+        return rollout, scores
+
+    def _keep(
+        self, scores: Mapping[str, Tensor], advantages: Tensor, group_ids: Tensor, step: int
+    ) -> tuple[Tensor, Tensor]:
+        """(advantages with dropped groups zeroed, keep [N] bool) of this process's groups; records the stats."""
         keys = [k for k in scores if k.split("/", 1)[0] in self.reward.weights]
         sizes = torch.bincount(group_ids)
         singleton = sizes[group_ids] < 2
         drop = zero_advantage_groups(advantages, group_ids) | flat_groups(scores, keys, group_ids) | singleton
         advantages = torch.where(drop, 0.0, advantages)
-        groups, singles = len(index), int((sizes < 2).sum())
+        groups, singles = len(sizes), int((sizes < 2).sum())
         dropped = len(torch.unique(group_ids[drop]))
         self.singleton_groups += singles
         self.dropped_groups += dropped - singles
-        self.trajectories += n
+        self.trajectories += len(group_ids)
         level = reward_level(self.reward, scores)
         record = {
             "step": float(step),
@@ -637,7 +673,7 @@ class GRPORollouts(Callback):
         for key, value in record.items():
             if key != "step":
                 self._pending_log.setdefault(key, []).append(value)
-        return rollout, advantages.to(device), (~drop).to(device)
+        return advantages, ~drop
 
     # -- held-out evaluation
     def _evaluate_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
@@ -647,7 +683,8 @@ class GRPORollouts(Callback):
         index = list(range(n))
         gens = [torch_generator(self.seed, "eval", k, device=pl_module.device) for k in keys]
         with torch.no_grad(), trainer.precision_plugin.val_step_context():
-            out = pl_module.sample_with_logprob(
+            out = run_in_root(
+                trainer, pl_module, "sample_with_logprob",
                 batch["refs"], list(batch["instruction"]), self._sizes(batch, index), self.eval_steps, 0.0, [],
                 gens, self.eval_guidance, None,
             )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Sample grids logged while training: references | target | prediction, one row per sample (DESIGN.md "Tracking").
+"""Sample grids logged while training: references | target | prediction, one row per sample (docs/architecture.md).
 
 Every `every_n_steps` optimizer steps and at the end of each validation, the callback asks the module for
 predictions on the first `k` samples of one fixed validation batch (captured from the first validation
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+
+from omnilab.fsdp import run_in_root
 
 Row = tuple[list[Tensor], Tensor, Tensor]  # (references, target, prediction), each [3, H, W] in [-1, 1]
 
@@ -176,9 +178,8 @@ class SampleGrid(Callback):
         pl_module.eval()
         try:
             with torch.no_grad():
-                rows = module.sample_grid(
-                    pl_module.transfer_batch_to_device(batch, pl_module.device, 0), self.k
-                )
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                rows = run_in_root(trainer, module, "sample_grid", batch, self.k)  # FSDP: through its forward
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero:

@@ -1,7 +1,7 @@
 """Progressive pixel-budget schedule: the reference budget grows with the training step (UniRef SFT).
 
-Implements UniRef-Image-Edit's progressive sequence-length training (ABSTRACTS.md §2: all input images
-resized to a total pixel budget of 1024², then gradually 1536² and 2048²; shared/methods/multiref_mico.md
+Implements UniRef-Image-Edit's progressive sequence-length training (UniRef-Image-Edit paper: all input images
+resized to a total pixel budget of 1024², then gradually 1536² and 2048²; docs/methods/uniref.md
 §1: under the joint rule that is 4096 -> 9216 -> 16384 reference tokens). The callback knows no method or
 data kind: the datamodule implements `SupportsPixelBudget` (`datamodules.multiref.MultiRefDataModule`
 does), and the schedule is `milestones` {step: budget}, the budget of the last milestone at or before

@@ -1,19 +1,28 @@
 """Fit N reference images into one pixel budget: UniRef's SELF global budget and the peers' rules.
 
-Implements shared/methods/multiref_mico.md §1 ("Ways to split a pixel budget B² across N images" and
-its worked example) and §6.1 (`resize_refs` with joint / equal / independent / table modes, sides
-snapped to a multiple, a minimum side, no upscaling). A budget B means B² pixels.
+The ways open multi-reference models split a pixel budget B² across N images (UniPic 3.0 and MICo's joint
+scale with its worked example, OmniGen2's count table, FLUX.2 / Qwen-Image-Edit-Plus's independent cap,
+UniPic 2.0's longer edge), with sides snapped to a multiple, a minimum side and optional upscaling.
+A budget B means B² pixels.
 
 - joint (UniPic-3, MICo, UniRef SELF; the default): one scale r = B / sqrt(sum_i w_i h_i) for every
-  image, so each image keeps its share of the total area. With `rounding="floor"` the snapped total
-  never exceeds B² (SELF's fixed-length sequence of L = B² / 256 tokens needs this); `"round"` is
-  UniPic-3's rounding and can overshoot B² slightly (the notes' example: 4120 tokens at B = 1024).
-  UniPic-3 also enlarges small input sets up to the budget: `upscale=True, rounding="round"`.
+  image, so each image keeps its share of the total area. `rounding="floor"` snaps each side down;
+  `"round"` is UniPic-3's rounding, which alone can overshoot B² (the paper notes' example: 4120 tokens
+  at B = 1024). UniPic-3 also enlarges small input sets up to the budget: `upscale=True, rounding="round"`.
 - equal: every image gets the same area, B² / N.
 - independent (FLUX.2, Qwen-Image-Edit-Plus): each image on its own, min(area, B²) (exactly B² with
   upscale); the sequence grows with N.
 - table (OmniGen2): per-image area P(N)² with P = [1024, 1024, 768, 512] for N = 1, 2, 3, >= 4 and a
   longest side of at most 2048, both scaled by B / 1024 (at B = 1024 it is OmniGen2's rule).
+- edge (UniPic 2.0's Kontext data): each image on its own, its longer edge resized to B (the shorter in
+  proportion; never enlarged without upscale), as UniPic2-SD3.5M-Kontext resizes its reference to 512.
+
+The cap holds by construction (`hold=True`, what the data uses): after snapping, a total above B² (joint,
+equal) or an image above its own cap (independent, table, edge) is shrunk by one `multiple` at a time on the
+largest image's longer side, so the references never need more than `reference_capacity(B, mode, N)`
+pixels, which is what a packed model pads the references to (SELF's fixed length). With `"round"` that
+changes about half of UniPic-3's random sets by one multiple on one side (the worked example: 704² becomes
+672 x 704, 4032 tokens); `hold=False` gives the unheld rule.
 
 The minimum side (decisions where the notes leave it open):
 - Images keep their aspect ratio: an image whose short side would fall below `min_side` is held at
@@ -32,9 +41,9 @@ The minimum side (decisions where the notes leave it open):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-MODES = ("joint", "equal", "independent", "table")
+MODES = ("joint", "equal", "independent", "table", "edge")
 ROUNDINGS = ("floor", "round")
 OMNIGEN2_SIDES = (1024, 1024, 768, 512)  # sqrt(max_input_pixels) per image for N = 1, 2, 3, >= 4
 OMNIGEN2_MAX_SIDE = 2048
@@ -108,15 +117,39 @@ def _shared_scales(
     return [math.sqrt(min(max(level, a), b) / s) for a, b, s in zip(lo, hi, areas)]
 
 
+def _own_caps(n: int, budget: int, mode: str) -> tuple[float, float]:
+    """(side, max_side) of each image under an own-cap rule: its area is at most side², its longer side max_side."""
+    if mode == "table":
+        side = OMNIGEN2_SIDES[min(n, len(OMNIGEN2_SIDES)) - 1] * budget / REFERENCE_BUDGET
+        return side, OMNIGEN2_MAX_SIDE * budget / REFERENCE_BUDGET
+    if mode == "edge":
+        return math.inf, float(budget)
+    return float(budget), math.inf
+
+
+def reference_capacity(budget: int, mode: str, max_refs: int) -> int:
+    """The most pixels `fit_to_budget(hold=True)` gives any set of at most `max_refs` images under budget B.
+
+    joint, equal: B²; independent and edge: max_refs · B² (each image at most B², the sequence grows with N);
+    table: max over N of N · P(N)² (scaled by B / 1024). A packed model pads the references to this (in
+    tokens: capacity // pixels_per_token², since every side is a multiple of the token size or floors to it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"budget mode {mode!r} is not one of {', '.join(MODES)}")
+    if max_refs < 1:
+        return 0
+    if mode in ("joint", "equal"):
+        return budget**2
+    if mode == "table":
+        return max(math.floor(n * _own_caps(n, budget, mode)[0] ** 2) for n in range(1, max_refs + 1))
+    return max_refs * budget**2
+
+
 def _own_scales(
     sizes: Sequence[tuple[int, int]], budget: int, mode: str, min_side: int, upscale: bool
 ) -> list[float]:
-    """Per-image scales of the independent or table rule, each image under its own cap."""
-    if mode == "table":
-        side = OMNIGEN2_SIDES[min(len(sizes), len(OMNIGEN2_SIDES)) - 1] * budget / REFERENCE_BUDGET
-        max_side = OMNIGEN2_MAX_SIDE * budget / REFERENCE_BUDGET
-    else:
-        side, max_side = float(budget), math.inf
+    """Per-image scales of the independent, table or edge rule, each image under its own cap."""
+    side, max_side = _own_caps(len(sizes), budget, mode)
     scales = []
     for i, (w, h) in enumerate(sizes):
         scale = min(side / math.sqrt(w * h), max_side / max(w, h))
@@ -126,8 +159,15 @@ def _own_scales(
         if least > scale * (1 + _EPS):
             raise BudgetError(
                 f"image {i} ({w}x{h}) at min_side {min_side} is {w * least:.0f}x{h * least:.0f}, more than "
-                f"its {mode} budget of {side:.0f}^2 pixels"
-                + (f" or longest side {max_side:.0f}" if math.isfinite(max_side) else "")
+                f"its {mode} budget of "
+                + " or ".join(
+                    text
+                    for text, bound in (
+                        (f"{side:.0f}^2 pixels", side),
+                        (f"longest side {max_side:.0f}", max_side),
+                    )
+                    if math.isfinite(bound)
+                )
                 + f" (budget {budget})"
             )
         scales.append(max(scale, least))
@@ -142,8 +182,13 @@ def fit_to_budget(
     min_side: int = 128,
     upscale: bool = False,
     rounding: str = "floor",
+    hold: bool = True,
 ) -> list[tuple[int, int]]:
-    """The (w, h) each image (w, h) is resized to under budget B (B² pixels) and `mode` (module doc)."""
+    """The (w, h) each image (w, h) is resized to under budget B (B² pixels) and `mode` (module doc).
+
+    With `hold` the snapped sizes never exceed the rule's cap (`reference_capacity`); without it `"round"`
+    may (UniPic-3's unheld rounding).
+    """
     if mode not in MODES:
         raise ValueError(f"budget mode {mode!r} is not one of {', '.join(MODES)}")
     if rounding not in ROUNDINGS:
@@ -170,16 +215,34 @@ def fit_to_budget(
         (max(_snap(w * s, multiple, rounding), min_side), max(_snap(h * s, multiple, rounding), min_side))
         for (w, h), s in zip(sizes, scales)
     ]
-    if rounding == "floor" and mode in ("joint", "equal"):
-        out = _hold_total(out, budget, multiple, min_side)
-    return out
+    if not hold:
+        return out
+    if mode in ("joint", "equal"):
+        return _hold(out, lambda sizes: sum(w * h for w, h in sizes) <= budget**2, budget, multiple, min_side)
+    side, max_side = _own_caps(len(out), budget, mode)
+    return [
+        _hold(
+            [size],
+            lambda s: s[0][0] * s[0][1] <= side**2 and max(s[0]) <= max_side,
+            budget,
+            multiple,
+            min_side,
+        )[0]
+        for size in out
+    ]
 
 
-def _hold_total(
-    out: list[tuple[int, int]], budget: int, multiple: int, min_side: int
+def _hold(
+    out: list[tuple[int, int]],
+    fits: Callable[[list[tuple[int, int]]], bool],
+    budget: int,
+    multiple: int,
+    min_side: int,
 ) -> list[tuple[int, int]]:
-    """Guard of the floor rule against float ties: shrink the largest image's long side until sum <= B²."""
-    while sum(w * h for w, h in out) > budget**2:
+    """Shrink the largest image's longer side by `multiple` until `fits(sizes)` (the rounding's overshoot, or
+    float ties of the floor rule); BudgetError when min_side stops it."""
+    out = list(out)
+    while not fits(out):
         shrinkable = [i for i, (w, h) in enumerate(out) if max(w, h) - multiple >= min_side]
         if not shrinkable:
             raise BudgetError(f"the budget {budget} cannot hold sizes {out} at min_side {min_side}")

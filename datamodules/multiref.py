@@ -1,9 +1,9 @@
 """Multi-reference editing and composition samples (UniRef SELF, UniPic-3, MICo), budgeted per sample.
 
-Implements the data side of shared/methods/multiref_mico.md: §1 (every reference resized under one
+Implements the data side of docs/methods/uniref.md: §1 (every reference resized under one
 global pixel budget B, the target under its own; `datamodules.budget.fit_to_budget`), §4 (the proposed
 WebDataset sample; originals stored, resized at decode time so B can change per stage) and §6.1; and of
-the UniRef abstract (ABSTRACTS.md §2): joint SFT on single-image editing (N = 1) and multi-image
+the UniRef abstract (UniRef-Image-Edit paper): joint SFT on single-image editing (N = 1) and multi-image
 composition (N = 2..6) with a task-mixing ratio, text-to-image (N = 0) for dual-task RL, and the
 progressive budget 1024² -> 1536² -> 2048² that `callbacks.pixel_budget.PixelBudgetSchedule` drives
 through `MultiRefDataModule.set_pixel_budget`.
@@ -24,7 +24,10 @@ json fields typed; exactly refs 0..n_refs-1 present (numeric order) and a target
 refs; no image name in the instruction beyond n_refs; every image at least `min_side` on its short side;
 the refs must fit the budget at `min_side` (`BudgetError`'s text is the reason). Then the refs are
 resized with `fit_to_budget(mode=budget_mode)` under the current reference budget, the target under
-`target_budget` (joint mode on [target]), bicubic with antialias, to floats in [-1, 1].
+`target_budget` (joint mode on [target]; edge mode with `budget_mode: edge`), or to the first reference's
+size with `target_like_ref` (UniPic 2.0: reference and target the same size), bicubic with antialias, to
+floats in [-1, 1]. Every sample carries `ref_pixel_cap`, the most reference pixels its rule can give at its
+budget (`budget.reference_capacity`): the packed length of a SELF model follows it, so no sample overflows.
 
 The live budget: the transform reads the reference budget from a one-element shared-memory tensor per
 sample, so `set_pixel_budget` in the main process reaches running DataLoader workers at once. With
@@ -35,10 +38,16 @@ of them), so the switch lands a few batches after the milestone. Every batch say
 were resized under (`ref_budget`). So that a resumed run replays its epoch's samples exactly, whether a
 sample is skipped for not fitting does not depend on raising the budget: it is judged at
 min(live budget, configured `budget`).
+
+The live task mix: the training task mix lives the same way in shared memory (`SharedTaskMix`, a small
+JSON buffer with a version counter), so `set_task_mix` (PDTR's stages through
+`callbacks.dual_task.SupportsTaskMix`) changes which tasks running workers keep, with the same lag of
+the batches they had made.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.budget import MODES, ROUNDINGS, BudgetError, fit_to_budget, tokens
+from datamodules.budget import MODES, ROUNDINGS, BudgetError, fit_to_budget, reference_capacity, tokens
 from datamodules.webdataset import IMAGE_EXTS, BadSample, SkipSample, WebDataModule
 
 MAX_REFS = 6  # UniPic-3: 1-6 input images
@@ -118,6 +127,61 @@ def gather_images(sample: dict[str, Any], n_refs: int, max_refs: int) -> tuple[l
     return [refs[k] for k in range(n_refs)], targets[0]
 
 
+# --------------------------------------------------------------------------- the live task mix
+
+
+def check_task_mix(mix: dict[str, float] | None, where: str = "data.task_mix") -> dict[str, float] | None:
+    """The mix as {task: float}, checked: non-empty, non-negative, one weight positive (None: keep all)."""
+    if mix is None:
+        return None
+    if not mix or any(not isinstance(t, str) or w < 0 for t, w in mix.items()) or max(mix.values()) <= 0:
+        raise ValueError(f"{where} {mix} must map tasks to non-negative weights, one of them positive")
+    return {str(t): float(w) for t, w in sorted(mix.items())}
+
+
+class SharedTaskMix:
+    """A task mix in shared memory: written in the main process, read by running DataLoader workers.
+
+    The mix is JSON in a uint8 buffer; an int64 version counter is odd while a write is in progress
+    (a seqlock), so a reader never parses half a write. Readers cache the parsed mix per version.
+    """
+
+    def __init__(self, mix: dict[str, float] | None = None, capacity: int = 4096) -> None:
+        self.buffer = torch.zeros(capacity, dtype=torch.uint8).share_memory_()
+        self.version = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._cache: tuple[int, dict[str, float] | None] = (-1, None)
+        self.write(mix)
+
+    def write(self, mix: dict[str, float] | None) -> None:
+        """Publish `mix` ({task: weight}, or None for every task) to every reader."""
+        data = json.dumps(check_task_mix(mix, "task mix")).encode()
+        if len(data) + 1 > len(self.buffer):
+            raise ValueError(f"task mix {mix} is too long ({len(data)} bytes) for the shared buffer")
+        self.version += 1  # odd: writing
+        self.buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.buffer[len(data)] = 0
+        self.version += 1  # even: done
+
+    def read(self) -> dict[str, float] | None:
+        """The current mix (the last complete write)."""
+        while True:
+            before = int(self.version[0])
+            if before == self._cache[0]:
+                return self._cache[1]
+            if before % 2:
+                continue
+            raw = self.buffer.numpy().tobytes()
+            if int(self.version[0]) == before:
+                self._cache = (before, json.loads(raw[: raw.index(0)]))
+                return self._cache[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "version": self.version}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.buffer, self.version, self._cache = state["buffer"], state["version"], (-1, None)
+
+
 # --------------------------------------------------------------------------- the transform
 
 
@@ -134,15 +198,24 @@ class MultiRefTransform:
     max_refs: int = MAX_REFS
     rounding: str = "floor"
     upscale: bool = False
+    target_like_ref: bool = False
     train: bool = True
-    task_mix: tuple[tuple[str, float], ...] | None = None
+    task_mix: SharedTaskMix | tuple[tuple[str, float], ...] | None = None  # live (shared) or fixed
     drop_text: float = 0.0
-    _mix: dict[str, float] = field(init=False, repr=False)
+    _mix: SharedTaskMix = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        mix = dict(self.task_mix or ())
-        top = max(mix.values(), default=0.0)
-        object.__setattr__(self, "_mix", {task: w / top for task, w in mix.items()} if top > 0 else {})
+        mix = self.task_mix
+        if not isinstance(mix, SharedTaskMix):
+            mix = SharedTaskMix(dict(mix) if mix is not None else None)
+        object.__setattr__(self, "_mix", mix)
+
+    def keep_probability(self, task: str) -> float:
+        """The share of training samples of `task` kept under the current mix: w_task / max(w) (1 without a mix)."""
+        mix = self._mix.read()
+        if mix is None:
+            return 1.0
+        return mix.get(task, 0.0) / max(mix.values())
 
     def fit(self, sizes: list[tuple[int, int]], budget: int, mode: str) -> list[tuple[int, int]]:
         """`fit_to_budget` with this transform's settings; a budget that cannot hold them is a BadSample."""
@@ -157,8 +230,8 @@ class MultiRefTransform:
         """Transform one decoded sample; raises BadSample when it cannot be used, SkipSample to leave it out."""
         meta = sample_meta(sample["json"])
         task, n = meta["task"], meta["n_refs"]
-        if self.train and self._mix and rng.random() >= self._mix.get(task, 0.0):
-            raise SkipSample(f"task {task!r} thinned by data.task_mix")
+        if self.train and rng.random() >= self.keep_probability(task):
+            raise SkipSample(f"task {task!r} thinned by the task mix")
         refs, target = gather_images(sample, n, self.max_refs)
         instruction = meta["instruction"]
         beyond = [k for k in mentioned_images(instruction) if not 1 <= k <= n]
@@ -175,7 +248,13 @@ class MultiRefTransform:
         if budget > self.base_budget:  # the skip decision must not depend on a raised budget
             self.fit(sizes, self.base_budget, self.budget_mode)
         ref_sizes = self.fit(sizes, budget, self.budget_mode)
-        (target_size,) = self.fit([(target_img.shape[-1], target_img.shape[-2])], self.target_budget, "joint")
+        if self.target_like_ref and ref_sizes:
+            target_size = ref_sizes[0]
+        else:
+            target_mode = "edge" if self.budget_mode == "edge" else "joint"
+            (target_size,) = self.fit(
+                [(target_img.shape[-1], target_img.shape[-2])], self.target_budget, target_mode
+            )
         if self.train and self.drop_text > 0 and rng.random() < self.drop_text:
             instruction = ""
         return {
@@ -185,6 +264,7 @@ class MultiRefTransform:
             "task": task,
             "n_refs": n,
             "ref_budget": budget,
+            "ref_pixel_cap": reference_capacity(budget, self.budget_mode, self.max_refs),
             "meta": meta,
         }
 
@@ -202,6 +282,7 @@ def collate_multiref(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "ref_tokens": torch.tensor([tokens([(x.shape[-1], x.shape[-2]) for x in r]) for r in refs]),
         "target_tokens": torch.tensor([tokens([(t.shape[-1], t.shape[-2])]) for t in targets]),
         "ref_budget": torch.tensor([e["ref_budget"] for e in examples], dtype=torch.int64),
+        "ref_pixel_cap": torch.tensor([e["ref_pixel_cap"] for e in examples], dtype=torch.int64),
         "meta": [e["meta"] for e in examples],
         "__key__": [e.get("__key__", "") for e in examples],
     }
@@ -215,14 +296,15 @@ class MultiRefDataModule(WebDataModule):
 
     Batches (B samples) hold `refs`: list of B lists of [3, h, w] tensors in [-1, 1] (0..6 per sample,
     sizes differ), `target`: list of B [3, H, W] tensors, `instruction`, `task`: lists of B str,
-    `n_refs`, `ref_tokens`, `target_tokens` (16 px per token), `ref_budget`: int64 [B], `meta`: the B
+    `n_refs`, `ref_tokens`, `target_tokens` (16 px per token), `ref_budget`, `ref_pixel_cap`: int64 [B], `meta`: the B
     json dicts, `__key__`: B keys.
 
     Args:
         budget: Reference budget B (B² pixels for all refs together); the start of a PixelBudgetSchedule
             (UniRef: 1024, then 1536, 2048).
         target_budget: The target's own budget (UniPic-3: 1024).
-        budget_mode: How refs share the budget: "joint" (UniPic-3 / MICo / SELF), "equal", "independent"
+        budget_mode: How refs share the budget: "joint" (UniPic-3 / MICo / SELF), "edge" (UniPic 2.0: each
+            image's longer edge resized to B), "equal", "independent"
             (FLUX.2, Qwen-Plus) or "table" (OmniGen2); see datamodules/budget.py.
         multiple: Every side is a multiple of this (32: VAE /8 x 2x2 patch x 2 for the VLM copy).
         min_side: Shortest side of any resized image; smaller originals are skipped (counted). The generated
@@ -230,6 +312,8 @@ class MultiRefDataModule(WebDataModule):
         max_refs: Samples with more references are skipped (UniPic-3: 6).
         rounding: "floor" (the total never exceeds B², SELF's fixed length) or "round" (UniPic-3).
         upscale: Enlarge images to fill the budget (UniPic-3 does); off: never enlarge.
+        target_like_ref: Resize the target to its first reference's resized size (UniPic2-SD3.5M-Kontext needs
+            reference and target the same size); samples without a reference use `target_budget`.
         task_mix: Task-mixing ratio for joint SFT, e.g. {edit: 0.5, compose: 0.5}: training keeps a sample
             of task t with probability w_t / max(w), so the ratio reweights the stream's natural mix
             (kept share of t proportional to w_t times its frequency); a task not named is left out.
@@ -251,6 +335,7 @@ class MultiRefDataModule(WebDataModule):
         max_refs: int = MAX_REFS,
         rounding: str = "floor",
         upscale: bool = False,
+        target_like_ref: bool = False,
         task_mix: dict[str, float] | None = None,
         drop_text: float = 0.0,
         **kwargs: Any,
@@ -270,18 +355,15 @@ class MultiRefDataModule(WebDataModule):
             )
         if not 0 <= max_refs <= MAX_REFS:
             raise ValueError(f"data.max_refs must be in 0..{MAX_REFS}, got {max_refs}")
-        if task_mix is not None and (not task_mix or any(w < 0 for w in task_mix.values())):
-            raise ValueError(f"data.task_mix {task_mix} must map tasks to non-negative weights, one positive")
-        if task_mix is not None and max(task_mix.values()) <= 0:
-            raise ValueError(f"data.task_mix {task_mix} needs a positive weight")
+        check_task_mix(task_mix)
         if not 0.0 <= drop_text < 1.0:
             raise ValueError(f"data.drop_text must be in [0, 1), got {drop_text}")
         self.budget, self.target_budget, self.budget_mode = budget, target_budget, budget_mode
         self.multiple, self.min_side, self.max_refs = multiple, min_side, max_refs
-        self.rounding, self.upscale = rounding, upscale
-        self.task_mix = tuple(sorted(task_mix.items())) if task_mix is not None else None
+        self.rounding, self.upscale, self.target_like_ref = rounding, upscale, target_like_ref
         self.drop_text = drop_text
         self._live_budget = torch.full((1,), budget, dtype=torch.int64).share_memory_()
+        self._live_mix = SharedTaskMix(task_mix)
 
     # -- the PixelBudgetSchedule protocol
     def set_pixel_budget(self, budget: int) -> None:
@@ -295,6 +377,16 @@ class MultiRefDataModule(WebDataModule):
         """The reference budget the transform uses now."""
         return int(self._live_budget[0])
 
+    # -- the DualTaskSchedule protocol (callbacks.dual_task.SupportsTaskMix)
+    def set_task_mix(self, mix: dict[str, float] | None) -> None:
+        """Keep a training sample of task t with probability mix[t] / max(mix) from now on, in running workers too."""
+        self._live_mix.write(mix)
+
+    @property
+    def task_mix(self) -> dict[str, float] | None:
+        """The training task mix the transform uses now (None: every task)."""
+        return self._live_mix.read()
+
     def transform(self, train: bool) -> MultiRefTransform:
         """The budgeted decode (train: with task mixing and text dropout), as a picklable callable."""
         return MultiRefTransform(
@@ -307,8 +399,9 @@ class MultiRefDataModule(WebDataModule):
             max_refs=self.max_refs,
             rounding=self.rounding,
             upscale=self.upscale,
+            target_like_ref=self.target_like_ref,
             train=train,
-            task_mix=self.task_mix,
+            task_mix=self._live_mix,
             drop_text=self.drop_text,
         )
 

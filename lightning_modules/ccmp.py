@@ -172,7 +172,7 @@ class CCMP(L.LightningModule):
             Entering a stage starts fresh AdamW moments, as CCMP builds a new optimizer per stage. After
             the last stage the lr stays at its `lr_end`. Freezing changes which parameters get gradients,
             so under DDP use `strategy: ddp_find_unused_parameters_true` (as CCMP does).
-        attention: Attention backend, `sdpa` (default), `xformers` or `auto` (DESIGN.md "one switch").
+        attention: Attention backend, `sdpa` (default), `xformers` or `auto` (docs/architecture.md).
         threshold: Probability above which a pixel is predicted as the object.
         eval_protocol: `egoexo4d` (IoU/CA/LE/VA per direction, micro-averaged; `<split>/iou` = mIoU) or
             `handalx` (mean per-instance IoU over every pair, instance = take + object).
@@ -381,24 +381,31 @@ class CCMP(L.LightningModule):
         # thresholding first is exact for any threshold: nearest resizing commutes with it
         binary = (torch.sigmoid(last.mask[:, 0].float()) > self.threshold).float()
         if "gt_crop" in batch:
-            masks = [prediction_to_gt(b, crop) for b, crop in zip(binary, batch["gt_crop"])]
+            shapes = (
+                [tuple(gt.shape) for gt in batch["tgt_gt"]] if "tgt_gt" in batch else [None] * len(binary)
+            )
+            masks = [
+                prediction_to_gt(b, crop, shape) for b, crop, shape in zip(binary, batch["gt_crop"], shapes)
+            ]
         else:
             masks = list(binary.bool())
         return masks, torch.sigmoid(last.cls.float())
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
-        """Predict, map to the GT shape and update the metrics of each group in the batch."""
+        """Predict, map to the GT shape and update the metrics of each group with the batch's scored pairs."""
         metrics = self.metrics[split]
         masks, confidence = self.predict_pairs(batch)
         gt = [g.bool() for g in batch["tgt_gt"]]
+        scored = batch["scored"].tolist() if "scored" in batch else [True] * len(masks)
         if self.eval_protocol == "handalx":
-            instances = [f"{t}/{o}" for t, o in zip(batch["take"], batch["object"])]
-            metrics["instances"].update(masks, gt, instances)
-            self._seen[split]["instances"] += len(masks)
+            idx = [i for i, ok in enumerate(scored) if ok]
+            instances = [f"{batch['take'][i]}/{batch['object'][i]}" for i in idx]
+            metrics["instances"].update([masks[i] for i in idx], [gt[i] for i in idx], instances)
+            self._seen[split]["instances"] += len(idx)
             return
         visible = batch["visible"] > 0.5
         for direction in EVAL_DIRECTIONS:
-            idx = [i for i, s in enumerate(batch["setting"]) if s == direction]
+            idx = [i for i, s in enumerate(batch["setting"]) if s == direction and scored[i]]
             if idx:
                 metrics[direction].update(
                     [masks[i] for i in idx], [gt[i] for i in idx], confidence[idx], visible[idx]
@@ -420,7 +427,8 @@ class CCMP(L.LightningModule):
                     results = {"iou": results}
                 for name, value in results.items():
                     self.log(f"{split}/{group}/{name}", float(value))
-                ious.append(float(results["iou"]))
+                if math.isfinite(float(results["iou"])):  # nan: the group had no visible instance
+                    ious.append(float(results["iou"]))
             metric.reset()
             self._seen[split][group] = 0
         if ious:
@@ -445,32 +453,44 @@ class CCMP(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """One record per pair (identifiers, binary mask in the GT shape, confidence); also fills the submission."""
         masks, confidence = self.predict_pairs(batch)
-        ids = ("__key__", "setting", "take", "object", "src_cam", "tgt_cam", "frame")
+        ids = ("__key__", "setting", "take", "object", "src_cam", "tgt_cam", "frame", "visible")
         keys = [k for k in ids if k in batch]
         records = [
             {**{k: batch[k][i] for k in keys}, "mask": mask.cpu(), "confidence": conf}
             for i, (mask, conf) in enumerate(zip(masks, confidence.tolist()))
         ]
-        for r in records:
-            if r.get("setting") in EVAL_DIRECTIONS:
+        planned = batch["planned"].tolist() if "planned" in batch else [True] * len(records)
+        for r, plan in zip(records, planned):
+            if r.get("setting") in EVAL_DIRECTIONS and plan:
                 ids = (r["setting"], r["take"], r["object"], r["src_cam"], r["tgt_cam"], int(r["frame"]))
                 self._submission.append((*ids, r["mask"].numpy(), r["confidence"]))
         return records
 
     def on_predict_epoch_end(self) -> None:
-        """Write the official submission JSON (both directions) once, on rank 0, from every rank's pairs."""
+        """Write the official submission JSON (both directions) once, on rank 0, from every rank's pairs.
+
+        When the datamodule has a submission plan (`submission_plan()`, the converter's `<split>-plan.json`),
+        the JSON follows it: every take, object, camera pair and frame the official validation asks for.
+        """
         pairs, self._submission = self._submission, []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             parts: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, pairs)
             pairs = [pair for part in parts for pair in part]
         if self.trainer.is_global_zero:
-            writer = SubmissionWriter()
+            datamodule = getattr(self.trainer, "datamodule", None)
+            plan = datamodule.submission_plan() if hasattr(datamodule, "submission_plan") else None
+            writer = SubmissionWriter(plan)
             for pair in pairs:
                 writer.add(*pair)
             path = Path(self.trainer.default_root_dir) / self.submission
             path.parent.mkdir(parents=True, exist_ok=True)
             writer.write(path)
+            if writer.filled or writer.unplanned:
+                self.print(
+                    f"submission {path}: {writer.filled} planned frames had no prediction (written empty, "
+                    f"confidence 0); {writer.unplanned} predictions outside the plan left out"
+                )
 
     # --- test-time training protocol (§3, callbacks/ttt.py) ------------------------------------------
 

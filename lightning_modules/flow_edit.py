@@ -3,18 +3,18 @@
 One module carries four methods whose difference is data (the backbone, its VAE and text encoder,
 the budgets), not code:
 
-- UniRef-Image-Edit SFT (ABSTRACTS.md §2): SELF, every reference serialised into one latent sequence
+- UniRef-Image-Edit SFT (UniRef-Image-Edit paper): SELF, every reference serialised into one latent sequence
   under a global pixel budget and padded to a fixed length (`max_ref_tokens` = B²/256 for budget B at 16 px per token),
   joint SFT on editing (N = 1) and composition (N = 2..6); the progressive budget schedule is a
   callback driving the datamodule's `set_pixel_budget`.
-- UniPic2-SD3.5M-Kontext (ABSTRACTS.md §9; methods/rl_grpo_dmd.md §5): the `sd3_kontext` backend,
+- UniPic2-SD3.5M-Kontext (UniPic 2.0 paper; docs/methods/unipic2.md): the `sd3_kontext` backend,
   clean references sharing the target's timestep, text-only CFG (the references go into both
   branches), guidance 3.5 and 50 steps by default.
-- UniPic 3.0's composition teacher (ABSTRACTS.md §7; methods/multiref_mico.md §1, §3): the
+- UniPic 3.0's composition teacher (UniPic 3.0 paper; docs/methods/unipic3.md): the
   `qwen_image_edit` backend; training sigma = shift(sigmoid(N(0, 1))) with shift exp(mu), mu linear
   in the target's tokens (256 -> 0.5, 8192 -> 0.9); MSE on eps - x0 over the target tokens;
   inference true CFG 4 (8 steps for the distilled students).
-- Qwen-MICo (ABSTRACTS.md §8): the same backbone fine-tuned on MICo-150K compositions.
+- Qwen-MICo (MICo paper): the same backbone fine-tuned on MICo-150K compositions.
 
 The flow math lives in `components/flow.py`, the backends in `components/packed_dit.py`, the text and
 VLM conditioning in `components/text.py`. This file adds the frozen VAE (`LatentCodec`), the loss
@@ -42,6 +42,7 @@ from lightning_modules.components.backbones import build_backbone
 from lightning_modules.components.packed_dit import FluxKontext, PackedDiT, QwenImageEdit, SD3Kontext
 from lightning_modules.components.text import TextEncoder, build_text_encoder
 from omnilab.attention import apply_attention
+from omnilab.fsdp import clip_grad_norm, is_sharded_state
 from omnilab.seeding import torch_generator
 
 Family = Literal["sd3_kontext", "qwen_image_edit", "flux_kontext"]
@@ -111,6 +112,14 @@ class LatentCodec(nn.Module):
             self.factor = 2 ** (len(cfg.block_out_channels) - 1)
             self.channels = cfg.latent_channels
             self.shift, self.scale = cfg.shift_factor or 0.0, cfg.scaling_factor
+
+    def forward(self, tensors: Sequence[Tensor], decode: bool = False) -> list[Tensor]:
+        """`encode(tensors)`, or `decode(tensors)` with `decode=True`.
+
+        The module's users call it as `codec(images)` / `codec(latents, decode=True)`: under FSDP the codec is
+        a unit of its own (omnilab.fsdp.BlockPolicy) whose weights are gathered only in its forward.
+        """
+        return self.decode(tensors) if decode else self.encode(tensors)
 
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor]) -> list[Tensor]:
@@ -223,9 +232,10 @@ class FlowEdit(L.LightningModule):
             (`components.text.build_text_encoder`).
         max_ref_tokens: SELF's fixed reference length in DiT tokens: budget B -> (B / pixels_per_token)²
             (B²/256 at the real models' 16 px per token; the tiny VAE /2 with patch 2 gives 4 px per token);
-            every packed sequence is padded to max_ref_tokens + the batch's largest target. "budget": the
-            length follows the budget of the batch (`ref_budget`, raised by the progressive schedule).
-            None: pad to the batch's longest sequence.
+            every packed sequence of a batch > 1 is padded to max_ref_tokens + the batch's largest target (a
+            batch of one is not padded). "budget": the length follows the data's resize rule at the batch's
+            budget (`ref_pixel_cap`, raised by the progressive schedule; `max_tokens`). None: pad to the
+            batch's longest sequence.
         timesteps: Training sigma distribution (`Timesteps`; defaults: logit-normal(0, 1), resolution
             shift on UniPic-3's line 256 -> 0.5, 8192 -> 0.9).
         lr: AdamW learning rate (UniPic-3 base stage 1e-4).
@@ -372,8 +382,14 @@ class FlowEdit(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave out the frozen weights loaded from `pretrained` (they reload in configure_model)."""
+        """Leave out the frozen weights loaded from `pretrained` (they reload in configure_model).
+
+        Not from a sharded FSDP checkpoint: its loader reads every key the model has (torch.distributed
+        .checkpoint), so there the frozen weights stay in (one copy, written as shards like the rest).
+        """
         state = checkpoint.get("state_dict", {})
+        if is_sharded_state(state):
+            return
         for key in self._reloadable & state.keys():
             del state[key]
 
@@ -397,20 +413,36 @@ class FlowEdit(L.LightningModule):
         return (latent.shape[-2] // p) * (latent.shape[-1] // p)
 
     def max_tokens(self, target_tokens: Sequence[int], batch: dict[str, Any] | None = None) -> int | None:
-        """The packed length: max_ref_tokens + the largest target (SELF's fixed length), or None (longest).
+        """The packed length: max_ref_tokens + the largest target (SELF's fixed length), or None (no padding).
 
-        With max_ref_tokens "budget" the reference length follows the budget the batch's references
-        were resized under (`ref_budget`, which the progressive schedule raises): (B / pixels per token)².
+        The reference part agrees with the data's resize rule by construction: with max_ref_tokens "budget" it
+        is the most reference tokens the rule can give at the batch's budget (`ref_pixel_cap` // pixels per
+        token², `datamodules.budget.reference_capacity`: (B / pixels per token)² for the joint rule, following
+        the progressive schedule); an integer below that is refused with both numbers. A batch of one sample
+        has nothing to be aligned with and is not padded at all.
         """
         refs = self.max_ref_tokens
         if refs is None:
             return None
+        area = self.pixels_per_token**2
+        cap = None
+        if batch is not None and "ref_pixel_cap" in batch:
+            cap = int(max(batch["ref_pixel_cap"])) // area
+        elif batch is not None and "ref_budget" in batch:
+            cap = int(max(batch["ref_budget"])) ** 2 // area
         if refs == "budget":
-            if batch is None or "ref_budget" not in batch:
+            if cap is None:
                 raise ValueError(
-                    "max_ref_tokens='budget' needs batches with `ref_budget` (datamodules.multiref)"
+                    "max_ref_tokens='budget' needs batches with `ref_pixel_cap` or `ref_budget` (datamodules.multiref)"
                 )
-            refs = (int(max(batch["ref_budget"])) // self.pixels_per_token) ** 2
+            refs = cap
+        elif cap is not None and int(refs) < cap:
+            raise ValueError(
+                f"model.max_ref_tokens={refs} is below the {cap} reference tokens the data's resize rule can give at "
+                f"this batch's budget ({int(max(batch['ref_budget']))} px): set max_ref_tokens: budget (or >= {cap})"
+            )
+        if len(target_tokens) == 1:
+            return None
         return int(refs) + max(target_tokens)
 
     def sigmas(self, steps: int, target_tokens: Sequence[int]) -> Tensor:
@@ -454,7 +486,7 @@ class FlowEdit(L.LightningModule):
         """VAE latents of the references (per sample) and the targets; equal shapes share one VAE call."""
         refs, targets = batch["refs"], batch["target"]
         flat = [r for sample in refs for r in sample] + list(targets)
-        latents = self.codec.encode(flat)
+        latents = self.codec(flat)
         out, i = [], 0
         for sample in refs:
             out.append(latents[i : i + len(sample)])
@@ -586,7 +618,7 @@ class FlowEdit(L.LightningModule):
             torch.randn(c, h // f, w // f, generator=g, device=getattr(g, "device", "cpu")).to(self.device)
             for (h, w), g in zip(sizes, generators)
         ]
-        ref_latents = [self.codec.encode(list(r)) if len(r) else [] for r in refs]
+        ref_latents = [self.codec(list(r)) if len(r) else [] for r in refs]
         ref_pixels = [list(r) for r in refs]
         text = self.text_encoder(list(instruction), ref_pixels)
         uncond = self.text_encoder([cfg_["negative_prompt"]] * n, ref_pixels) if guidance > 1 else None
@@ -605,7 +637,7 @@ class FlowEdit(L.LightningModule):
                 else:
                     v = [flow.cfg(a, b, guidance) for a, b in zip(v_u, v)]
             x = [step_fn(xi, vi.float(), s, s_next) for xi, vi, s, s_next in zip(x, v, sigma, sigma_next)]
-        return self.codec.decode(x)
+        return self.codec(x, decode=True)
 
     def _sizes(self, refs: Sequence[Sequence[Tensor]], size: Any, n: int) -> list[tuple[int, int]]:
         """One (H, W) per sample, checked to be a multiple of the pixels per token."""
@@ -627,15 +659,38 @@ class FlowEdit(L.LightningModule):
     # --- optimisation -----------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        """AdamW over the trainable parameters; linear warm-up, then constant or cosine, stepped per step."""
+        """AdamW over the trainable parameters; linear warm-up, then constant or cosine, stepped per step.
+
+        The cosine's total (`trainer.estimated_stepping_batches`) is read when the schedule first needs it, after
+        warm-up, not here: reading it builds the train loader, and under FSDP Lightning calls this hook before
+        it restores a checkpoint, so the data stream would restart its epoch (Lightning issue 20550).
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
-        total = int(total) if total is not None and math.isfinite(total) else None
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, self.warmup_steps, total, self.lr_schedule)
-        )
+        total: list[int | None] = []
+
+        def factor(step: int) -> float:
+            if step < max(self.warmup_steps, 1) or self.lr_schedule == "constant":
+                return lr_factor(step, self.warmup_steps, None, self.lr_schedule)  # needs no total
+            if not total:
+                steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+                total.append(int(steps) if steps is not None and math.isfinite(steps) else None)
+            return lr_factor(step, self.warmup_steps, total[0], self.lr_schedule)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping; norm clipping under FSDP through FSDP's own (Lightning's FSDP plugin refuses it)."""
+        norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if norm and clip_grad_norm(self.trainer, gradient_clip_val):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _keys(batch: dict[str, Any]) -> list[str]:

@@ -1,10 +1,10 @@
 """FlowGRPO: online RL of a flow-matching DiT with Flow-GRPO (LoRA policy, the same network without it as reference).
 
-Implements the module side of shared/methods/rl_grpo_dmd.md §1 (Flow-GRPO: the ODE->SDE sampler with log-probs,
+Implements the module side of docs/methods/flow_grpo.md (Flow-GRPO: the ODE->SDE sampler with log-probs,
 the clipped policy loss over the trained steps, beta KL to the reference = the network with its LoRA adapter
 disabled, fp32 log-probs; CPS and DanceGRPO steps through `sde_kind`), §6.1-4, and the starting points of
-MSGRPO (UniRef-Image-Edit RL after its SFT, ABSTRACTS.md §2) and PDTR (UniPic 2.0's staged T2I then editing
-RL, ABSTRACTS.md §9). The rollouts, rewards and advantages are the callback's (callbacks/grpo.py); this module
+MSGRPO (UniRef-Image-Edit RL after its SFT, UniRef-Image-Edit paper) and PDTR (UniPic 2.0's staged T2I then editing
+RL, UniPic 2.0 paper). The rollouts, rewards and advantages are the callback's (callbacks/grpo.py); this module
 implements its `SupportsGRPO` protocol:
 
 - `sample_with_logprob`: FlowEdit's sampler with the SDE step on the chosen steps, keeping the transitions
@@ -24,7 +24,7 @@ implements its `SupportsGRPO` protocol:
 The rollout and the re-scoring run the very same velocity code (`_velocity`), so fully on-policy the first
 ratio is exactly 1 when a training slice equals a rollout chunk (the notes' debug rule).
 
-Starting point: `init_checkpoint` (an SFT run's Lightning checkpoint, e.g. runs/uniref/tiny/checkpoints/last.ckpt)
+Starting point: `init_checkpoint` (an SFT run's Lightning checkpoint, e.g. runs/uniref/tiny/latest/checkpoints/last.ckpt)
 is loaded into the base model BEFORE the LoRA adapter is added (its optimizer and loop state are not taken);
 when that file is missing and `init_experiment` names an experiment (e.g. "uniref/tiny"), `omnilab fit` of that
 experiment runs first in a subprocess (logged), in this working directory, with this run's data folder.
@@ -324,7 +324,7 @@ class FlowGRPO(FlowEdit):
                 )
             encoded = []
             for k, r in enumerate(ref_pixels):
-                cond: dict[str, Any] = {"refs": self.codec.encode(r) if r else []}
+                cond: dict[str, Any] = {"refs": self.codec(r) if r else []}
                 for prefix, text in texts.items():
                     cond[f"{prefix}hidden"], cond[f"{prefix}mask"] = text.hidden[k], text.mask[k]
                     if text.pooled is not None:
@@ -440,7 +440,7 @@ class FlowGRPO(FlowEdit):
             log_probs=log_probs,
             sigmas=sigmas[:, steps_idx],
             next_sigmas=sigmas[:, steps_idx + 1],
-            images=self.codec.decode(x),
+            images=self.codec(x, decode=True),
             guidance=guidance,
         )
 

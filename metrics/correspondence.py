@@ -2,7 +2,7 @@
 
 Implements the official Ego-Exo4D correspondence evaluation (EGO4D/ego-exo4d-relation,
 `correspondence/evaluation/{evaluate_egoexo,evaluate_exoego,utils,metrics}.py`, whose mask metrics
-are DAVIS 2017's), as CCMP reimplements it (ccmp.md §5); HANDAL-X's mean per-instance IoU (§6); and
+are DAVIS 2017's), as CCMP reimplements it (docs/methods/ccmp.md); HANDAL-X's mean per-instance IoU (§6); and
 the prediction JSON that the evaluators and EvalAI challenge 2288 read (§7 "Predictions").
 
 The protocol (§5): for each scored instance the GT mask is resized, nearest and unpadded, so that its
@@ -109,14 +109,19 @@ def contour_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def bbox_center(mask: np.ndarray) -> tuple[int, int]:
-    """Bounding-box centre (row, col) = ((r_min + r_max) // 2, (c_min + c_max) // 2); (H//2, W//2) if empty.
+    """Bounding-box centre (row, col) = ((r_min + r_max) // 2, (c_min + c_max) // 2); (W // 2, H // 2) if empty.
 
-    The official code pads both masks by H on every side and falls back to the padded array's centre for
-    an empty mask; shifted back, that centre is exactly (H // 2, W // 2) of the unpadded array.
+    The official `crop_mask` pads both masks by H (the row count) on every side and
+    `compute_size_boundry_centroid` returns (x, y) = ((c_min + c_max) // 2, (r_min + r_max) // 2) of the
+    padded array, or, for an empty mask, (H' // 2, W' // 2) of the padded H' x W' = 3H x (W + 2H) array,
+    still read as (x, y). Shifted back by the padding, an empty mask's centre is x = H // 2, y = W // 2:
+    row W // 2, column H // 2 of the unpadded array. That transposes the array centre (on a 270x480 exo
+    target: row 240, column 135, not row 135, column 240); LE follows the official figure, so this does too.
     """
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
-        return mask.shape[0] // 2, mask.shape[1] // 2
+        height, width = mask.shape[:2]
+        return width // 2, height // 2
     return int(rows.min() + rows.max()) // 2, int(cols.min() + cols.max()) // 2
 
 
@@ -125,6 +130,11 @@ def location_error(pred: np.ndarray, gt: np.ndarray) -> float:
     _check_same_shape(pred, gt)
     (pred_row, pred_col), (gt_row, gt_col) = bbox_center(pred), bbox_center(gt)
     return math.hypot(pred_row - gt_row, pred_col - gt_col) / LOCATION_NORMALIZER
+
+
+def existence_accuracy(pred: np.ndarray, gt: np.ndarray) -> bool:
+    """Whether both masks are empty or both are not (the official `utils.existence_accuracy`)."""
+    return bool(np.any(pred)) == bool(np.any(gt))
 
 
 def _balanced_accuracy_from_counts(tp: int, fn: int, tn: int, fp: int) -> float:
@@ -151,16 +161,21 @@ def balanced_accuracy(gt_exists: ArrayLike, pred_exists: ArrayLike) -> float:
     )
 
 
+def eval_shape(height: int, width: int, longest: int = EVAL_LONGEST_SIDE) -> tuple[int, int]:
+    """(H', W') = int(side · (1 / max(H, W) · longest)), the official `reshape_img_nopad` size (float arithmetic)."""
+    ratio = 1.0 / max(height, width) * longest
+    return int(height * ratio), int(width * ratio)
+
+
 def resize_longest(mask: np.ndarray, longest: int = EVAL_LONGEST_SIDE) -> np.ndarray:
     """Nearest-neighbour resize to longest side `longest`, as the official `reshape_img_nopad`.
 
-    Output size = int(side · longest / max(H, W)) (exo 3840x2160 -> 480x270, Aria 1408 -> 480), with the
-    official float arithmetic; source index = min(floor(dst · (1 / (dst_size / src_size))), src_size − 1),
-    cv2.INTER_NEAREST's (not the pixel-centre INTER_NEAREST_EXACT's). Keeps the dtype.
+    Output size `eval_shape` (exo 3840x2160 -> 480x270, Aria 1408 -> 480); source index =
+    min(floor(dst · (1 / (dst_size / src_size))), src_size − 1), cv2.INTER_NEAREST's (not the pixel-centre
+    INTER_NEAREST_EXACT's). Keeps the dtype.
     """
     height, width = mask.shape[:2]
-    ratio = 1.0 / max(height, width) * longest
-    new_height, new_width = int(height * ratio), int(width * ratio)
+    new_height, new_width = eval_shape(height, width, longest)
 
     def source_index(new_size: int, size: int) -> np.ndarray:
         inverse_scale = 1.0 / (new_size / size)
@@ -179,9 +194,11 @@ def _as_numpy_mask(mask: MaskLike) -> np.ndarray:
 class CorrespondenceMetrics(Metric):
     """Ego-Exo4D IoU, CA, LE (micro-averaged over visible instances) and VA (over all instances).
 
-    State is sums and counts (summed across DDP ranks). `compute()` returns "iou", "ca", "le", "va" and
-    "existence_acc" (the share of visible-GT instances with a non-empty predicted mask, which CCMP prints
-    instead of VA); a mean over no instances is nan.
+    State is float64 sums and counts (summed across DDP ranks). `compute()` returns "iou", "ca", "le",
+    "va" and "existence_acc" as float64 (the official code computes in numpy float64): "existence_acc" is
+    the official `existence_accuracy` averaged over the visible instances (the prediction and the
+    ground-truth mask both empty or both not; an annotated ground truth may be empty), which CCMP prints
+    besides VA; a mean over no instances is nan.
     """
 
     is_differentiable = False
@@ -192,7 +209,7 @@ class CorrespondenceMetrics(Metric):
     ca_sum: Tensor
     le_sum: Tensor
     n_visible: Tensor
-    n_nonempty: Tensor
+    n_agree: Tensor
     tp: Tensor
     fn: Tensor
     tn: Tensor
@@ -202,7 +219,7 @@ class CorrespondenceMetrics(Metric):
         super().__init__(**kwargs)
         for name in ("iou_sum", "ca_sum", "le_sum"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("n_visible", "n_nonempty", "tp", "fn", "tn", "fp"):
+        for name in ("n_visible", "n_agree", "tp", "fn", "tn", "fp"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(
@@ -225,7 +242,7 @@ class CorrespondenceMetrics(Metric):
         visible = gt_visible.detach().bool().cpu()
         pred_exists = (confidence.detach() > CONFIDENCE_THRESHOLD).cpu()
         iou_sum = ca_sum = le_sum = 0.0
-        n_nonempty = 0
+        n_agree = 0
         for pred_mask, gt_mask, is_visible in zip(pred_masks, gt_masks, visible.tolist()):
             if not is_visible:
                 continue
@@ -233,12 +250,12 @@ class CorrespondenceMetrics(Metric):
             iou_sum += iou(pred, gt)
             ca_sum += contour_accuracy(pred, gt)
             le_sum += location_error(pred, gt)
-            n_nonempty += int(pred.any())
+            n_agree += int(existence_accuracy(pred, gt))
         self.iou_sum += iou_sum
         self.ca_sum += ca_sum
         self.le_sum += le_sum
         self.n_visible += int(visible.sum())
-        self.n_nonempty += n_nonempty
+        self.n_agree += n_agree
         self.tp += int((visible & pred_exists).sum())
         self.fn += int((visible & ~pred_exists).sum())
         self.tn += int((~visible & ~pred_exists).sum())
@@ -250,15 +267,15 @@ class CorrespondenceMetrics(Metric):
 
         def mean(total: Tensor | int) -> Tensor:
             value = float(total) / n_visible if n_visible else math.nan
-            return torch.tensor(value, dtype=torch.float32, device=self.device)
+            return torch.tensor(value, dtype=torch.float64, device=self.device)
 
         va = _balanced_accuracy_from_counts(self.tp.item(), self.fn.item(), self.tn.item(), self.fp.item())
         return {
             "iou": mean(self.iou_sum),
             "ca": mean(self.ca_sum),
             "le": mean(self.le_sum),
-            "va": torch.tensor(va, dtype=torch.float32, device=self.device),
-            "existence_acc": mean(self.n_nonempty),
+            "va": torch.tensor(va, dtype=torch.float64, device=self.device),
+            "existence_acc": mean(self.n_agree),
         }
 
 
@@ -303,15 +320,15 @@ class HandalInstanceIoU(Metric):
         self.instance_keys.append(torch.tensor(keys, dtype=torch.long, device=self.device))
 
     def compute(self) -> Tensor:
-        """Mean over instances of the mean IoU over the instance's frames (nan before any update)."""
+        """Mean over instances of the mean IoU over the instance's frames, float64 (nan before any update)."""
         if isinstance(self.ious, list) and not self.ious:
-            return torch.tensor(math.nan, device=self.device)
+            return torch.tensor(math.nan, dtype=torch.float64, device=self.device)
         keys, ious = dim_zero_cat(self.instance_keys), dim_zero_cat(self.ious)
         _, group = torch.unique(keys, return_inverse=True)
         n_instances = int(group.max()) + 1
         sums = torch.zeros(n_instances, dtype=ious.dtype, device=ious.device).index_add_(0, group, ious)
         counts = torch.zeros_like(sums).index_add_(0, group, torch.ones_like(ious))
-        return (sums / counts).mean().float()
+        return (sums / counts).mean()
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -326,20 +343,28 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
 
 
 class SubmissionWriter:
-    """Collects predictions and writes the Ego-Exo4D correspondence prediction JSON (ccmp.md §7).
+    """Collects predictions and writes the Ego-Exo4D correspondence prediction JSON (docs/methods/ccmp.md).
 
     Layout: {direction: {"version": "xx", "challenge": "xx", "results": {take: {"masks": {obj: {
     "<src_cam>_<tgt_cam>": {frame: {"pred_mask": RLE, "confidence": float}}}}, "subsample_idx": [int]}}}}
-    with frames as strings and subsample_idx the sorted frames seen for the take. Both directions are
-    always written, an unused one with empty results: that is the merged EvalAI submission
-    (`generate_evalai_submission.py`, whose "xx" fields are marked DO NOT CHANGE), and each official
-    evaluator reads only its own section. Cameras are not checked: ego cameras are the ones whose name
+    with frames as strings. Both directions are always written, an unused one with empty results: that is
+    the merged EvalAI submission (`generate_evalai_submission.py`, whose "xx" fields are marked DO NOT
+    CHANGE), and each official evaluator reads only its own section. Ego cameras are the ones whose name
     contains "aria", so "ego-exo" keys read "<aria>_<exo>" and "exo-ego" keys "<exo>_<aria>".
+
+    With a `plan` (the `<split>-plan.json` that `omnilab data convert egoexo4d` writes: what the official
+    `validate_predictions` requires), the submission holds exactly the plan's takes, objects (an object
+    without an ego camera as an empty dict), camera pairs and frames: a planned frame that was not
+    predicted (its frame file was missing, its pair skipped) gets an empty mask of the target's
+    evaluation shape with confidence 0, counted in `filled`; a prediction outside the plan is left out,
+    counted in `unplanned`. Without a plan it holds what was added, `subsample_idx` the sorted frames seen.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, plan: dict[str, Any] | None = None) -> None:
+        self.plan = plan
         self._masks: dict[str, dict[str, dict[str, Any]]] = {"ego-exo": {}, "exo-ego": {}}
         self._frames: dict[str, dict[str, set[int]]] = {"ego-exo": {}, "exo-ego": {}}
+        self.filled = self.unplanned = 0
 
     def add(
         self,
@@ -363,19 +388,55 @@ class SubmissionWriter:
         }
         self._frames[direction].setdefault(take, set()).add(int(frame))
 
+    def _planned(self, direction: str) -> dict[str, Any]:
+        """The results of one direction, shaped by the plan (placeholders for frames not predicted)."""
+        results: dict[str, Any] = {}
+        got = self._masks[direction]
+        for take, spec in self.plan["takes"].items():
+            masks: dict[str, Any] = {}
+            for obj, directions in spec["objects"].items():
+                masks[obj] = {}
+                for pair, planned_pair in directions.get(direction, {}).items():
+                    shape = tuple(planned_pair.get("shape") or (EVAL_LONGEST_SIDE, EVAL_LONGEST_SIDE))
+                    entries: dict[str, Any] = {}
+                    for frame in map(str, planned_pair["frames"]):
+                        entry = got.get(take, {}).get(obj, {}).get(pair, {}).get(frame)
+                        if entry is None:
+                            entry = {"pred_mask": encode_rle(np.zeros(shape, bool)), "confidence": 0.0}
+                            self.filled += 1
+                        entries[frame] = entry
+                    masks[obj][pair] = entries
+            results[take] = {"masks": masks, "subsample_idx": list(spec["subsample_idx"])}
+        planned = {
+            (take, obj, pair, frame)
+            for take, spec in self.plan["takes"].items()
+            for obj, directions in spec["objects"].items()
+            for pair, planned_pair in directions.get(direction, {}).items()
+            for frame in map(str, planned_pair["frames"])
+        }
+        self.unplanned += sum(
+            (take, obj, pair, frame) not in planned
+            for take, objs in got.items()
+            for obj, pairs in objs.items()
+            for pair, frames in pairs.items()
+            for frame in frames
+        )
+        return results
+
     def to_dict(self) -> dict[str, Any]:
-        """The submission as a JSON-ready dict."""
-        return {
-            direction: {
-                "version": "xx",
-                "challenge": "xx",
-                "results": {
+        """The submission as a JSON-ready dict (with a plan: `filled` / `unplanned` count this call's gaps)."""
+        self.filled = self.unplanned = 0
+        out = {}
+        for direction, takes in self._masks.items():
+            if self.plan is not None:
+                results = self._planned(direction)
+            else:
+                results = {
                     take: {"masks": masks, "subsample_idx": sorted(self._frames[direction][take])}
                     for take, masks in takes.items()
-                },
-            }
-            for direction, takes in self._masks.items()
-        }
+                }
+            out[direction] = {"version": "xx", "challenge": "xx", "results": results}
+        return out
 
     def write(self, path: str | Path) -> None:
         """Write the submission JSON to `path` (parent folders created)."""

@@ -2,7 +2,7 @@
 
 import os
 
-# MLflow must never unpickle what it reads back (DESIGN.md "Reliability rules").
+# MLflow must never unpickle what it reads back (docs/architecture.md).
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 __version__ = "0.1.0"

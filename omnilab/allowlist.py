@@ -54,7 +54,15 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family(
         "the suite's classes",
-        ("lightning_modules", "datamodules", "callbacks", "metrics", "rewards", "omnilab.chat"),
+        (
+            "lightning_modules",
+            "datamodules",
+            "callbacks",
+            "metrics",
+            "rewards",
+            "omnilab.chat",
+            "omnilab.fsdp",
+        ),
     ),
     Family(
         "torch optimizers and lr schedulers",

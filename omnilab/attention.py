@@ -1,6 +1,6 @@
 """One attention switch for every model of the suite: `sdpa` (default), `xformers` (CUDA), or `auto`.
 
-DESIGN.md "Running at scale": asking for xformers where it cannot run is a clear error; `auto` uses
+docs/architecture.md: asking for xformers where it cannot run is a clear error; `auto` uses
 xformers when it runs here and falls back to SDPA; the run logs the backend actually used.
 diffusers models switch through `set_attention_backend`; transformers models through
 `set_attn_implementation`, with xformers registered as a transformers attention function below.

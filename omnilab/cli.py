@@ -7,6 +7,7 @@
 - `omnilab compare --experiment <method>`: a table of runs and a PNG of their curves.
 - `omnilab bench [name ...]`: the benchmark scripts under benchmarks/.
 - `omnilab slurm --nodes N --gpus G [--dry-run] -- fit --config ...`: an sbatch script running srun.
+- `omnilab serve reward --config ... [--reward NAME]`: a reward served over HTTP (rewards/serving.py).
 
 README "Running an experiment": subclass mode for model and data, omegaconf parser mode, allowlisted class paths,
 the resolved config saved (overwriting) and logged, seed 0 unless set, the run named from the
@@ -146,6 +147,12 @@ class OmnilabCLI(LightningCLI):
         parser.add_lightning_class_args(RunHealth, "health")
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="Test the best checkpoint after fit."
+        )
+        parser.add_argument(
+            "--paper_global_batch",
+            type=int | None,
+            default=None,
+            help="The paper's global batch (checked against nodes x devices x batch x accumulation).",
         )
         parser.add_argument(
             "--defaults",
@@ -323,6 +330,23 @@ class OmnilabCLI(LightningCLI):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]  # checkpoints written atomically
         return super()._instantiate_trainer(config, extra)
 
+    def before_fit(self) -> None:
+        """Warn when the run's global batch differs from the experiment's `paper_global_batch`."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from omnilab.slurm import GlobalBatch
+
+        paper = self.config.fit.get("paper_global_batch")
+        size = getattr(self.datamodule, "batch_size", None)
+        if paper is None or not isinstance(size, int):
+            return
+        trainer = self.trainer
+        batch = GlobalBatch(
+            trainer.num_nodes, trainer.num_devices, size, trainer.accumulate_grad_batches, paper
+        )
+        if (warning := batch.warning()) is not None:
+            rank_zero_warn(warning)
+
     def after_fit(self) -> None:
         """Test the best checkpoint in the same run, when the data has a test split; then the summary."""
         has_split = getattr(self.datamodule, "has_split", None)
@@ -465,9 +489,17 @@ def _bench(argv: list[str]) -> None:
     )
     parser.add_argument("names", nargs="*", help="benchmark module names (default: all)")
     args, rest = parser.parse_known_args(argv)
-    from benchmarks import BENCHMARKS
+    from benchmarks import BENCHMARKS, NEEDS_CUDA
 
-    for name in args.names or list(BENCHMARKS):
+    names = args.names
+    if not names:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        names = [n for n in BENCHMARKS if cuda or n not in NEEDS_CUDA]
+        if not cuda:
+            print(f"skipped without CUDA: {', '.join(sorted(NEEDS_CUDA))}", flush=True)
+    for name in names:
         if name not in BENCHMARKS:
             parser.error(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
         print(f"== {name}", flush=True)
@@ -475,13 +507,15 @@ def _bench(argv: list[str]) -> None:
 
 
 def _slurm(argv: list[str]) -> None:
-    from omnilab.slurm import sbatch_script, submit
+    from omnilab.slurm import global_batch, sbatch_script, submit
 
     parser = argparse.ArgumentParser(prog="omnilab slurm", description="Write and submit an sbatch script.")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--mem", help="memory per node, as sbatch takes it (e.g. 480G; 0 = all)")
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     parser.add_argument("lightning_args", nargs=argparse.REMAINDER, help="-- fit --config ...")
     args = parser.parse_args(argv)
@@ -491,11 +525,22 @@ def _slurm(argv: list[str]) -> None:
     configs = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"]
     method, name, _ = run_identity(configs)
     job = f"{method}-{name}".replace("/", "-")
-    script = sbatch_script(rest, args.nodes, args.gpus, job, hours=args.hours, partition=args.partition)
+    batch = global_batch(rest, args.nodes, args.gpus)
+    print(batch.warning() or batch.describe(), file=sys.stderr)
+    script = sbatch_script(
+        rest, args.nodes, args.gpus, job, hours=args.hours, partition=args.partition,
+        account=args.account, mem=args.mem, batch=batch,
+    )  # fmt: skip
     print(submit(script, job, dry_run=args.dry_run))
 
 
-COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm}
+def _serve(argv: list[str]) -> None:
+    from rewards.serving import main as serve_main
+
+    serve_main(argv)
+
+
+COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> None:

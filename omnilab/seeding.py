@@ -1,6 +1,6 @@
 """Deterministic random streams: every seed in the suite derives from (seed, epoch or step, worker, ...).
 
-DESIGN.md "Reliability rules": resume is exact because no random stream depends on global state,
+docs/architecture.md: resume is exact because no random stream depends on global state,
 a pid or the clock. One function turns any tuple of integers and strings into a 63-bit seed.
 """
 

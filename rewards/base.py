@@ -10,11 +10,11 @@ A reward is a callable `(images, prompts, references, meta) -> {score name: Tens
   inf never. Per-reference scores are named "ref0", "ref1", ... (reference k, 0-based), NaN beyond a
   sample's references: `per_reference` stacks them into [N, R].
 
-`CombinedReward` implements the combination patterns of shared/methods/rl_grpo_dmd.md §3 (Flow-GRPO's
+`CombinedReward` implements the combination patterns of docs/methods/flow_grpo.md (Flow-GRPO's
 `multi_score` weighted sum, GDPO / TRL normalise-then-sum, and the notes' MSGRPO proposal for
-UniRef-Image-Edit, ABSTRACTS.md §2) on top of `lightning_modules.components.grpo`. A reward that fails
+UniRef-Image-Edit, UniRef-Image-Edit paper) on top of `lightning_modules.components.grpo`. A reward that fails
 (raises, returns the wrong shape, NaN where not allowed, inf) raises `RewardError` naming it: the GRPO
-loop counts the batch as skipped (DESIGN.md "Reliability rules").
+loop counts the batch as skipped (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.components.grpo import AGGREGATION_RULES, aggregate_rewards, group_z, msgrpo_reward
+from lightning_modules.components.grpo import (
+    AGGREGATION_RULES,
+    aggregate_rewards,
+    group_advantages,
+    msgrpo_reward,
+)
 
 RewardFn = Callable[[list[Tensor], list[str], list[list[Tensor]], list[dict[str, Any]]], Mapping[str, Tensor]]
 REF_KEY = re.compile(r"ref(\d+)")
@@ -155,8 +160,9 @@ class CombinedReward(Reward):
             two, each score of a weighted reward is one component with that reward's weight, except
             per-reference scores, which count as one component: their mean over the sample's refs.
             For "msgrpo", exactly one weighted reward has per-reference scores (the consistency);
-            the others form the instruction reward sum_k w_k z_group(r_k); the consistency reward's
-            weight and "min" weigh the reference terms against it.
+            each score of the others is an instruction term w_k z_group(r_k), z-scored once (in
+            `grpo.msgrpo_reward`); the consistency reward's weight and "min" weigh the reference
+            terms against them.
         use_min: "msgrpo" only: add the min over references.
         eps: The eps of every z-score and renormalisation.
         name: This reward's name.
@@ -232,8 +238,29 @@ class CombinedReward(Reward):
                 f"{[name for name, _ in references]}"
             )
         (consistency_name, refs) = references[0]
-        total = torch.zeros(group_ids.shape[0], dtype=torch.float32, device=group_ids.device)
-        for key, value in instruction.items():
-            total = total + weights[key] * group_z(value, group_ids, self.eps)
-        msgrpo_weights = {"consistency": self.weights[consistency_name], "min": self.weights.get("min", 1.0)}
-        return msgrpo_reward(total, refs, group_ids, msgrpo_weights, self.use_min, self.eps)
+        msgrpo_weights = {
+            **weights,
+            "consistency": self.weights[consistency_name],
+            "min": self.weights.get("min", 1.0),
+        }
+        return msgrpo_reward(instruction, refs, group_ids, msgrpo_weights, self.use_min, self.eps)
+
+    def advantages(
+        self,
+        scores: Mapping[str, Tensor],
+        group_ids: Tensor,
+        std_scope: str | None = None,
+        clip: float | None = 5.0,
+    ) -> Tensor:
+        """GRPO advantages [N] of (gathered) scores: this reward's rule, then the group normalisation.
+
+        Rule "sum_then_normalize": A = (r - group mean) / (std + eps), the std of `std_scope` (default "batch":
+        over every reward given, Flow-GRPO's global_std). The other rules normalise over the batch themselves
+        (A = their result, centred per group: scope "none"). A failure to combine is a RewardError.
+        """
+        try:
+            combined = self.aggregate(scores, group_ids)
+            scope = (std_scope or "batch") if self.rule == "sum_then_normalize" else "none"
+            return group_advantages(combined, group_ids, scope, clip=clip)
+        except ValueError as err:  # e.g. a non-finite combined reward
+            raise RewardError(f"the rewards could not be combined into advantages: {err}") from err

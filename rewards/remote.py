@@ -1,8 +1,8 @@
 """A reward served over HTTP from another process: large reward models (VLM judges, SpatialReward, ...).
 
-The GRPO loop of shared/methods/rl_grpo_dmd.md §1-3 scores every rollout group; a reward model too big
-to share the trainer's GPU (a VLM judge, SpatialReward's reward model, ABSTRACTS.md §4) runs as its
-own process, as Flow-GRPO's remote reward servers do. DESIGN.md "Reliability rules": a remote part
+The GRPO loop of docs/methods/flow_grpo.md scores every rollout group; a reward model too big
+to share the trainer's GPU (a VLM judge, SpatialReward's reward model, SpatialReward paper) runs as its
+own process, as Flow-GRPO's remote reward servers do. docs/architecture.md: a remote part
 has timeouts and fails with a clear error (here `RewardError`, which the loop counts as a skip),
 never a hang; and nothing is ever unpickled: the protocol is JSON with PNG images.
 
@@ -88,6 +88,10 @@ class RemoteReward(Reward):
         name: The reward's name.
         nan_ok: Whether the served reward may answer NaN ("not applicable").
         send_references: Send the reference images (consistency rewards need them; others do not).
+        check_at_start: GRPO fit start asks GET /health and stops with a clear error when nothing answers
+            (`check_reward_servers`); False for a server that may come up later.
+        serve: What `omnilab serve reward --config <this config> --reward <name>` runs behind this URL:
+            {class_path, init_args} of a reward (unused by the client).
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class RemoteReward(Reward):
         name: str = "remote",
         nan_ok: bool = False,
         send_references: bool = True,
+        check_at_start: bool = True,
+        serve: dict[str, Any] | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -106,6 +112,34 @@ class RemoteReward(Reward):
             raise ValueError(f"timeout must be > 0 and retries >= 0, got {timeout}, {retries}")
         self.url, self.timeout, self.retries = url, float(timeout), int(retries)
         self.name, self.nan_ok, self.send_references = name, nan_ok, send_references
+        self.check_at_start, self.serve = check_at_start, serve
+
+    def check(self) -> dict[str, Any]:
+        """GET /health at the server's root (within min(timeout, 10) s per attempt); RewardServerError naming
+        the URL and how to start the server when nothing answers."""
+        parts = urllib.parse.urlsplit(self.url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            conn = kind(parts.hostname, parts.port, timeout=min(self.timeout, 10.0))
+            try:
+                conn.request("GET", "/health")
+                response = conn.getresponse()
+                body = json.loads(response.read() or b"{}")
+                if response.status == 200 and isinstance(body, dict) and body.get("ok"):
+                    return body
+                error = RuntimeError(f"GET /health answered {response.status}: {body}")
+            except (OSError, http.client.HTTPException, ValueError) as err:
+                error = err
+            finally:
+                conn.close()
+            if attempt < self.retries:
+                time.sleep(RETRY_DELAY_S)
+        raise RewardServerError(
+            f"reward {self.name!r}: no reward server answers at {self.url} ({type(error).__name__}: {error}). "
+            f"Start it first (`omnilab serve reward --config <this experiment> --reward {self.name}`) or point "
+            "`url` at a running one."
+        )
 
     def __call__(
         self,
@@ -168,6 +202,37 @@ class RemoteReward(Reward):
         """One POST under one overall deadline: (status, body). Raises TimeoutError past `timeout`."""
         status, _, answer = post_json(self.url, body, {}, self.timeout)
         return status, answer
+
+
+class RewardServerError(RuntimeError):
+    """A reward server that a run needs does not answer at the start: the run stops (not a counted skip)."""
+
+
+def check_reward_servers(*rewards: Any) -> int:
+    """GET /health of every RemoteReward inside `rewards` (built rewards, CombinedRewards, {class_path,
+    init_args} specs, nested dicts and lists) whose `check_at_start` is on; RewardServerError naming the first
+    that does not answer. Returns how many were checked."""
+    seen: set[str] = set()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, RemoteReward):
+            if obj.check_at_start and obj.url not in seen:
+                seen.add(obj.url)
+                obj.check()
+        elif isinstance(obj, dict):
+            if str(obj.get("class_path", "")).endswith("rewards.remote.RemoteReward"):
+                visit(RemoteReward(**dict(obj.get("init_args") or {})))
+            else:
+                for value in obj.values():
+                    visit(value)
+        elif isinstance(obj, list | tuple):
+            for value in obj:
+                visit(value)
+        elif hasattr(obj, "rewards") and isinstance(obj.rewards, dict):  # CombinedReward
+            visit(list(obj.rewards.values()))
+
+    visit(list(rewards))
+    return len(seen)
 
 
 # --------------------------------------------------------------------------- the server
@@ -236,7 +301,8 @@ def make_server(
         def do_GET(self) -> None:
             """Health check."""
             if self.path.rstrip("/") == "/health":
-                self._answer(200, {"name": name, "ok": True})
+                stats = reward.stats() if callable(getattr(reward, "stats", None)) else {}
+                self._answer(200, {"name": name, "ok": True, **stats})
             else:
                 self._answer(404, {"error": f"no GET {self.path}; POST a batch to score it"})
 

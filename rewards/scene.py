@@ -1,7 +1,7 @@
 """Rewards without downloaded weights: checks against the generated data's exact ground truth, and JPEG size.
 
-The embedded default of the RL methods (Flow-GRPO, shared/methods/rl_grpo_dmd.md §1; MSGRPO's
-multi-source rewards, §3 and ABSTRACTS.md §2; PDTR's edit and T2I stages, ABSTRACTS.md §9) trains on
+The embedded default of the RL methods (Flow-GRPO, docs/methods/flow_grpo.md; MSGRPO's
+multi-source rewards, §3 and UniRef-Image-Edit paper; PDTR's edit and T2I stages, UniPic 2.0 paper) trains on
 `omnilab data synth multiref`, whose `.json` says exactly what the result must hold
 (datamodules/synth/multiref.py): `objects` (each with "kind", "colour", "rgb", "fill", "box" = the
 placement (x, y, w, h) centred in its grid cell, "bbox" = [x0, y0, x1, y1) tight around its visible

@@ -18,3 +18,15 @@ def in_tmp(tmp_path, monkeypatch):
     """Run the test from an empty folder (runs/, mlruns/ and data/ land there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip where CUDA is not available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -10,10 +10,17 @@ from typing import Any
 
 CONVERTERS: dict[str, str] = {
     "edit_jsonl": "datamodules.convert.edit_jsonl",
+    "editreward_bench": "datamodules.convert.editreward_bench",
+    "editreward_data": "datamodules.convert.editreward_data",
+    "editscore_bench": "datamodules.convert.editscore_bench",
     "egoexo4d": "datamodules.convert.egoexo4d",
     "gedit_bench": "datamodules.convert.gedit_bench",
+    "handalx": "datamodules.convert.handalx",
+    "mer_bench": "datamodules.convert.mer_bench",
     "mico150k": "datamodules.convert.mico150k",
     "mico_bench": "datamodules.convert.mico_bench",
+    "mmrb2": "datamodules.convert.mmrb2",
+    "restoration": "datamodules.convert.restoration",
 }
 
 

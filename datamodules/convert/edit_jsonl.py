@@ -1,6 +1,6 @@
 """Edit / composition JSONL -> multiref shards: `omnilab data convert edit_jsonl`.
 
-Implements the data side of shared/methods/multiref_mico.md §4 for the JSONL layouts: UniPic-3 SFT
+Implements the data side of docs/methods/uniref.md for the JSONL layouts: UniPic-3 SFT
 (`{"input_images": [paths], "output_image": path, "instruction": str}`, batch inference adds "id"),
 OmniGen2 (the same plus "task_type") and MICo's BLIP3o adapter (the same fields; a `.json` file holding one
 list of records is read too). Writes the sample format of `datamodules/multiref.py`: `json`, `ref0..refN-1`

@@ -1,6 +1,6 @@
 """Ego-Exo4D correspondence (relations) -> pair shards: `omnilab data convert egoexo4d`.
 
-Implements the data side of the CCMP notes (shared/methods/ccmp.md): §7 (the raw `relations_{split}.json`
+Implements the data side of CCMP (docs/methods/ccmp.md): §7 (the raw `relations_{split}.json`
 with LZString-compressed COCO RLE, and the processed frame folders `<frames>/<take_uid>/<cam>/<frame>.jpg`,
 Aria downscaled by 2 and exo by 4), §5 (which (take, object, camera pair, frame) instances the official
 evaluation scores, and its ground truth resized nearest to longest side 480) and §4 (the asynchronous
@@ -8,21 +8,31 @@ same-view and relaxed-alignment training pairs).
 
 One sample is one correspondence pair; its members (the format the correspondence datamodule reads):
 - `json`: {take, take_name, object, src_cam, tgt_cam, src_frame, tgt_frame, setting ("ego-exo" | "exo-ego" |
-  "ego-ego" | "exo-exo"), visible, src_native [H, W], tgt_native [H, W], split}.
+  "ego-ego" | "exo-exo"), visible, scored, planned, src_native [H, W], tgt_native [H, W], split}.
 - `src.jpg`, `tgt.jpg`: the processed frames, the JPEG files' bytes as they are (not re-encoded).
 - `src_mask.png`, `tgt_mask.png`: uint8 {0, 255} masks at the frame's size, decoded at the native size
-  and resized nearest; the target's is all zeros when the object is not visible there.
+  and resized nearest; the target's is all zeros when the object is not visible there. An annotated mask
+  may be empty (all zeros): such a source is kept, as the official evaluation queries it too.
 - `tgt_gt.png`: the official evaluation ground truth: the native target mask resized nearest to longest
   side 480 (exo 270x480, Aria 480x480), uint8 {0, 255}; all zeros when not visible.
 
-Pairs (§5): for each object, ego camera (name contains "aria") and exo camera, both directions, every frame f
-with a source mask and f in the target camera's `annotated_frames`; no target mask at f means not visible.
-`--same-view` adds, per masked source frame, one other masked frame of the same camera (CCMP's
-`create_pairs.py`); `--relaxed-alignment` adds the same for the other view (CCMP's training pairs).
+Pairs (§5), exactly what the official evaluation loop (`evaluate_egoexo.py` / `evaluate_exoego.py`
+`evaluate_take`) iterates: for each object with an ego camera (name contains "aria"), each of its exo
+cameras and each direction, every frame f that has a source mask (`annotation` key, empty masks
+included); `planned` (always true for these) marks the pairs the submission must hold (`validate_predictions`
+asks for every such f), `scored` those the evaluators score (f in the target camera's `annotated_frames`),
+`visible` whether the target has a mask at f (the rest count only for VA). `--same-view` adds, per masked
+source frame, one other masked frame of the same camera (CCMP's `create_pairs.py`); `--relaxed-alignment`
+adds the same for the other view (CCMP's training pairs); neither is planned or scored.
+
+`<split>-plan.json` is the submission the official `validate_predictions` requires: {split, takes: {take:
+{take_name, subsample_idx, objects: {object: {"ego-exo" | "exo-ego": {"<src>_<tgt>": {frames, shape}}}}}}},
+every annotated object of every take (an object without an ego camera has no pairs, but the official check
+counts it), `shape` the target's evaluation shape. `metrics.correspondence.SubmissionWriter` fills it.
 Bad masks and frames are skipped and counted per reason (in pairs); a malformed relations file raises.
 `index.json` (merged when converting several splits into one folder): kind "correspondence", source
-"egoexo4d", splits.<split> = {shards, counts, samples, settings, visible, options}, skipped.<split> =
-{reason: pairs}.
+"egoexo4d", splits.<split> = {shards, counts, samples, settings, visible, scored, plan, options},
+skipped.<split> = {reason: pairs}.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from pycocotools import mask as mask_utils
 from rich.progress import track
 
 from datamodules.webdataset import ShardWriter, encode_member, read_index, write_index
-from metrics.correspondence import resize_longest
+from metrics.correspondence import eval_shape, resize_longest
 from omnilab.seeding import numpy_rng
 
 SETTINGS = ("ego-exo", "exo-ego", "ego-ego", "exo-exo")
@@ -56,7 +66,6 @@ SKIP_REASONS = (
     "rle_size_mismatch",  # the RLE's runs do not cover exactly height x width pixels
     "native_size_mismatch",  # the frame is not the native size // 2 (Aria) or // 4 (exo)
     "unknown_native_size",  # invisible target whose camera has no single native size in the take
-    "empty_source_mask",  # the source mask has no pixel
 )
 
 
@@ -84,6 +93,8 @@ class Pair:
     tgt_frame: int
     setting: str
     visible: bool
+    scored: bool = False  # the official evaluators score it (f in the target's annotated_frames)
+    planned: bool = False  # the submission must hold it (a synchronous cross-view pair)
 
 
 @dataclass
@@ -94,6 +105,7 @@ class Report:
     index: Path
     settings: Counter = field(default_factory=Counter)
     visible: int = 0
+    scored: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)
@@ -106,13 +118,15 @@ class Report:
     def summary(self) -> str:
         """A few lines for the terminal: pairs per setting, skips per reason with one example each."""
         lines = [
-            f"egoexo4d/{self.split}: wrote {self.samples} pairs ({self.visible} visible) -> {self.index}",
+            f"egoexo4d/{self.split}: wrote {self.samples} pairs ({self.visible} visible, {self.scored} scored)"
+            f" -> {self.index}",
             "  " + ", ".join(f"{s}: {self.settings[s]}" for s in SETTINGS if self.settings[s]),
         ]
         for reason, count in sorted(self.skipped.items()):
             lines.append(f"  skipped {count} ({reason}), e.g. {self.examples[reason]}")
         for note, count in sorted(self.notes.items()):
             lines.append(f"  note: {count} pairs with {note} (kept, as the official evaluation scores them)")
+        lines.append(f"  submission plan: {self.index.parent / (self.split + '-plan.json')}")
         return "\n".join(lines)
 
 
@@ -250,7 +264,12 @@ def _other_frame(frames: list[int], frame: int, seed: int, *where: str | int) ->
 def plan_pairs(
     take_uid: str, take: dict[str, Any], same_view: bool = False, relaxed: bool = False, seed: int = 0
 ) -> list[Pair]:
-    """The pairs of one take: the scored cross-view instances (§5), plus optional asynchronous pairs (§4)."""
+    """The pairs of one take: what the official evaluation loop iterates (§5), plus optional asynchronous pairs (§4).
+
+    For an object with one ego camera E, each exo camera X: ego-exo pairs (E -> X) at every frame with an E
+    mask, exo-ego pairs (X -> E) at every frame with an X mask; scored when the frame is in the target's
+    `annotated_frames`, visible when the target has a mask there. An object without an ego camera has none.
+    """
     pairs: list[Pair] = []
     for obj in sorted(take["object_masks"]):
         cams = take["object_masks"][obj]
@@ -261,10 +280,11 @@ def plan_pairs(
             (x, e, "exo-ego") for e in egos for x in exos
         ]
         for src, tgt, setting in cross:
-            annotated = set(cams[tgt]["annotated_frames"])
+            annotated, target_masks = set(cams[tgt]["annotated_frames"]), set(masked[tgt])
             for f in masked[src]:
-                if f in annotated:
-                    pairs.append(Pair(take_uid, obj, src, tgt, f, f, setting, f in masked[tgt]))
+                pairs.append(
+                    Pair(take_uid, obj, src, tgt, f, f, setting, f in target_masks, f in annotated, True)
+                )
             for f in masked[src] if relaxed else []:
                 g = _other_frame(masked[tgt], f, seed, take_uid, obj, src, tgt)
                 if g is not None:
@@ -276,6 +296,38 @@ def plan_pairs(
                 if g is not None:
                     pairs.append(Pair(take_uid, obj, cam, cam, f, g, setting, True))
     return pairs
+
+
+def native_sizes(take: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """{camera: (H, W)} of the cameras whose masks in this take all have one native size."""
+    sizes: dict[str, set[tuple[int, int]]] = {}
+    for cams in take["object_masks"].values():
+        for cam, entry in cams.items():
+            for m in entry["annotation"].values():
+                sizes.setdefault(cam, set()).add((m["height"], m["width"]))
+    return {cam: next(iter(s)) for cam, s in sizes.items() if len(s) == 1}
+
+
+def submission_plan(take: dict[str, Any], pairs: list[Pair]) -> dict[str, Any]:
+    """The take's entry of `<split>-plan.json`: every annotated object and the planned pairs' frames and shapes."""
+    native = native_sizes(take)
+    objects: dict[str, dict[str, Any]] = {obj: {} for obj in sorted(take["object_masks"])}
+    for pair in pairs:
+        if not pair.planned:
+            continue
+        direction = objects[pair.obj].setdefault(pair.setting, {})
+        entry = direction.setdefault(
+            f"{pair.src_cam}_{pair.tgt_cam}",
+            {
+                "frames": [],
+                "shape": list(eval_shape(*native[pair.tgt_cam])) if pair.tgt_cam in native else None,
+            },
+        )
+        entry["frames"].append(pair.tgt_frame)
+    frames = {
+        int(f) for cams in take["object_masks"].values() for e in cams.values() for f in e["annotation"]
+    }
+    return {"take_name": take["take_name"], "subsample_idx": sorted(frames), "objects": objects}
 
 
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -302,12 +354,7 @@ class _Take:
         self.uid, self.take, self.root = take_uid, take, frames_root
         self.frames: dict[tuple[str, int], tuple[Path, tuple[int, int]] | MaskError] = {}
         self.masks: dict[tuple[str, str, int], tuple[tuple[int, int], bytes, bytes, bool] | MaskError] = {}
-        sizes: dict[str, set[tuple[int, int]]] = {}
-        for cams in take["object_masks"].values():
-            for cam, entry in cams.items():
-                for m in entry["annotation"].values():
-                    sizes.setdefault(cam, set()).add((m["height"], m["width"]))
-        self.native = {cam: next(iter(s)) for cam, s in sizes.items() if len(s) == 1}
+        self.native = native_sizes(take)
 
     def frame(self, cam: str, f: int) -> tuple[Path, tuple[int, int]]:
         """(path, (H, W)) of a processed frame; raises MaskError when it is missing or unreadable."""
@@ -367,13 +414,11 @@ class _Take:
             raise got
         return got
 
-    def sample(self, pair: Pair, split: str) -> tuple[dict[str, Any], bool]:
-        """The shard sample of a pair and whether its target mask is empty; raises MaskError to skip it."""
+    def sample(self, pair: Pair, split: str) -> tuple[dict[str, Any], bool, bool]:
+        """The shard sample of a pair and whether its source / target masks are empty; MaskError skips it."""
         src_path, _ = self.frame(pair.src_cam, pair.src_frame)
         tgt_path, tgt_size = self.frame(pair.tgt_cam, pair.tgt_frame)
         src_native, src_mask, _, src_empty = self.mask(pair.obj, pair.src_cam, pair.src_frame)
-        if src_empty:
-            raise MaskError("empty_source_mask", f"{pair.obj} in {self.uid}/{pair.src_cam}/{pair.src_frame}")
         if pair.visible:
             tgt_native, tgt_mask, tgt_gt, tgt_empty = self.mask(pair.obj, pair.tgt_cam, pair.tgt_frame)
         else:
@@ -393,6 +438,8 @@ class _Take:
             "tgt_frame": pair.tgt_frame,
             "setting": pair.setting,
             "visible": pair.visible,
+            "scored": pair.scored,
+            "planned": pair.planned,
             "src_native": list(src_native),
             "tgt_native": list(tgt_native),
             "split": split,
@@ -406,7 +453,7 @@ class _Take:
             "tgt_mask.png": tgt_mask,
             "tgt_gt.png": tgt_gt,
         }
-        return sample, tgt_empty
+        return sample, src_empty, tgt_empty
 
 
 _ZEROS: dict[tuple[int, int], bytes] = {}
@@ -479,6 +526,7 @@ def convert_split(
             stale.unlink()
     report = Report(split=split, index=out / "index.json")
     keys: set[str] = set()
+    plan: dict[str, Any] = {"split": split, "takes": {}}
     with ShardWriter(out, split, max_count=shard_size) as writer:
         for take_uid in track(sorted(annotations), description=f"egoexo4d/{split}", transient=True):
             pairs = plan_pairs(take_uid, annotations[take_uid], same_view, relaxed, seed)
@@ -486,10 +534,11 @@ def convert_split(
                 report.skipped["take_not_in_split"] += len(pairs)
                 report.examples.setdefault("take_not_in_split", f"{take_uid} not in {split_file}[{split!r}]")
                 continue
+            plan["takes"][take_uid] = submission_plan(annotations[take_uid], pairs)
             take = _Take(take_uid, annotations[take_uid], frames)
             for pair in pairs:
                 try:
-                    sample, tgt_empty = take.sample(pair, split)
+                    sample, src_empty, tgt_empty = take.sample(pair, split)
                 except MaskError as err:
                     report.skipped[err.reason] += 1
                     report.examples.setdefault(err.reason, f"{pair_key(pair)}: {err}")
@@ -502,14 +551,21 @@ def convert_split(
                 writer.write(sample)
                 report.settings[pair.setting] += 1
                 report.visible += pair.visible
+                report.scored += pair.scored
                 if pair.visible and tgt_empty:
                     report.notes["an empty target mask"] += 1
+                if src_empty:
+                    report.notes["an empty source mask"] += 1
+    plan_path = out / f"{split}-plan.json"
+    plan_path.write_text(json.dumps(plan, sort_keys=True))
     entry = {
         "shards": [name for name, _ in writer.shards],
         "counts": [n for _, n in writer.shards],
         "samples": report.samples,
         "settings": {s: report.settings[s] for s in SETTINGS},
         "visible": report.visible,
+        "scored": report.scored,
+        "plan": plan_path.name,
         "options": {"same_view": same_view, "relaxed_alignment": relaxed, "relations": relations.name},
     }
     report.index = _merged_index(out, split, entry, dict(sorted(report.skipped.items())), seed)

@@ -1,6 +1,6 @@
 """MICo-150K parquet (BAGEL layout) -> multiref shards: `omnilab data convert mico150k`.
 
-Implements the data side of shared/methods/multiref_mico.md §4 for MICo's BAGEL adapter: each parquet
+Implements the data side of docs/methods/uniref.md for MICo's BAGEL adapter: each parquet
 row holds `image_list` (a list of encoded images: the inputs in prompt order, the LAST one the target;
 an element may also be a {"bytes": ..., "path": ...} struct, as Hugging Face writes images) and
 `instruction`. The HF release is over 5 GB in about 300 files, so files are read one record batch at a

@@ -20,6 +20,8 @@ GENERATORS: dict[str, str] = {
     "correspondence": "datamodules.synth.correspondence",
     "mico": "datamodules.synth.mico",
     "multiref": "datamodules.synth.multiref",
+    "preference": "datamodules.synth.preference",
+    "restoration": "datamodules.synth.restoration",
 }
 
 

@@ -1,6 +1,6 @@
 """`omnilab data synth correspondence`: generated ego-exo correspondence pairs with exact masks.
 
-Writes the pair format of `datamodules/correspondence.py` (CCMP notes, shared/methods/ccmp.md §7), small
+Writes the pair format of `datamodules/correspondence.py` (CCMP, docs/methods/ccmp.md), small
 enough for the tiny CCMP run. One sample: two views of one real photo (`photos.PHOTOS`), each a different
 crop / zoom / rotation / perspective of it (a global homography per view), with 1-3 procedural objects
 (an ellipse, a rounded polygon, a star; each with its own colour and fill: flat, stripes, checker or

@@ -1,6 +1,6 @@
 """`omnilab data synth multiref`: generated edits and compositions whose targets are exact.
 
-Writes the sample format of `datamodules/multiref.py` (the notes shared/methods/multiref_mico.md §4), small
+Writes the sample format of `datamodules/multiref.py` (the notes docs/methods/uniref.md), small
 enough for the tiny UniRef / UniPic-3 runs, with every task the data kind knows:
 - "edit" (1 ref, 35%): image 1 is a scene (a crop of a real photo from `photos.PHOTOS`, or a flat colour)
   with 1-3 procedural objects; one or two operations on named objects: recolor ("Make the red star

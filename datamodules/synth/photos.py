@@ -1,6 +1,6 @@
 """Real photos for the embedded default: the images scikit-image ships (no download needed).
 
-DESIGN.md "Data": generated shards compose these photos with procedural objects whose ground truth
+docs/architecture.md: generated shards compose these photos with procedural objects whose ground truth
 is known exactly. The Middlebury motorcycle stereo pair comes with its ground-truth disparity.
 """
 

@@ -95,6 +95,20 @@ def _init_keys(init: Any) -> set[str] | None:
     return {p.name for p in params if p.name != "self" and p.kind is not p.VAR_POSITIONAL}
 
 
+# special-token and tying attributes every transformers config carries whether or not its class lists them
+# (transformers v5 dataclass configs keep unlisted keyword arguments as attributes)
+TRANSFORMERS_COMMON_KEYS = frozenset(
+    {
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "tie_word_embeddings",
+    }
+)
+
+
 def check_config_keys(config_class: type, config: Mapping[str, Any], where: str = "config") -> None:
     """ValueError naming the first key of `config` that `config_class` does not take (and the nearest one).
 
@@ -105,6 +119,8 @@ def check_config_keys(config_class: type, config: Mapping[str, Any], where: str 
     if valid is None:
         return
     valid |= set(getattr(config_class, "attribute_map", None) or {})
+    if hasattr(config_class, "sub_configs"):  # a transformers config
+        valid |= TRANSFORMERS_COMMON_KEYS
     subs = dict(getattr(config_class, "sub_configs", None) or {})
     valid |= set(subs)
     _unknown(config, valid, f"{where} ({config_class.__name__})")
@@ -133,9 +149,16 @@ def check_backbone(cls: type, spec: Mapping[str, Any]) -> None:
 
 
 def build_backbone(
-    cls: type[ModelT], pretrained: str | None = None, config: dict[str, Any] | None = None, **kwargs: Any
+    cls: type[ModelT],
+    pretrained: str | None = None,
+    config: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> ModelT:
     """`cls.from_pretrained(pretrained, **kwargs)`, or a random-init `cls` built from the `config` dict.
+
+    `kwargs` are the spec's loading keys (LOAD_KEYS); `overrides` are config attributes the calling code sets
+    on either path (e.g. a vocabulary size it derived), never taken from a user's spec.
 
     transformers models are built as `cls(cls.config_class(**config, **kwargs))`, diffusers models
     (no `config_class`) as `cls.from_config({**config, **kwargs})`. Exactly one of `pretrained` and
@@ -147,9 +170,10 @@ def build_backbone(
             f"{cls.__name__}: give exactly one of `pretrained` (hub id or local dir) and `config` (dict), "
             f"got pretrained={pretrained!r}, config={'given' if config is not None else None}"
         )
+    overrides = dict(overrides or {})
     if pretrained is not None:
-        return cls.from_pretrained(pretrained, **kwargs)
-    config = {**plain_config(config), **kwargs}
+        return cls.from_pretrained(pretrained, **kwargs, **overrides)
+    config = {**plain_config(config), **overrides, **kwargs}
     config_class = getattr(cls, "config_class", None)
     check_config_keys(config_class or cls, config)
     if config_class is not None:

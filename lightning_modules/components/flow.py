@@ -1,10 +1,10 @@
 """Rectified-flow math shared by the flow-matching editors, their samplers and RL (pure functions).
 
-The convention of SD3 / FLUX / Qwen-Image (methods/rl_grpo_dmd.md, notation): data x0 at sigma = 0,
+The convention of SD3 / FLUX / Qwen-Image (docs/methods/flow_grpo.md, notation): data x0 at sigma = 0,
 noise eps at sigma = 1, x_sigma = (1 - sigma) x0 + sigma eps, velocity v = eps - x0; sampling runs
 sigma 1 -> 0 with Euler steps x' = x + (sigma' - sigma) v.
 
-- Training timesteps (UniPic 3.0 training, methods/multiref_mico.md §1; SD3's logit-normal sampling):
+- Training timesteps (UniPic 3.0 training, docs/methods/uniref.md; SD3's logit-normal sampling):
   sigma = shift(sigmoid(mean + std n)), n ~ N(0, 1), with the FLUX/SD3 shift
   sigma' = s sigma / (1 + (s - 1) sigma), and s = exp(mu), mu linear in the target's token count
   (diffusers `calculate_shift`; UniPic-3: 256 tokens -> 0.5, 8192 -> 0.9).
@@ -13,7 +13,7 @@ sigma 1 -> 0 with Euler steps x' = x + (sigma' - sigma) v.
   norm rescale.
 
 Every function computes in fp32 (whatever its inputs' dtype) so that the GRPO log-probabilities built
-on `euler_step` stay fp32 (DESIGN.md "Performance rules").
+on `euler_step` stay fp32 (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Flow-GRPO math as small pure functions: the SDE step and its log-probability, advantages, the loss.
 
-Implements shared/methods/rl_grpo_dmd.md §1 (Flow-GRPO: the ODE->SDE Euler-Maruyama step
+Implements docs/methods/flow_grpo.md (Flow-GRPO: the ODE->SDE Euler-Maruyama step
 `sde_step_with_logprob`, its CPS variant, per-prompt advantages, the clipped loss and the KL to the
 reference, the trained timesteps of Flow-GRPO and Flow-GRPO-Fast), §2 (DanceGRPO's step and timestep
 subsampling; TRL's advantage scopes "group" / "batch" / "none"), §3 (combining rewards: sum then
 normalise, normalise then sum (GDPO); the notes' [inference] proposal for MSGRPO) and §6.1-2. MSGRPO is
-UniRef-Image-Edit's RL stage (ABSTRACTS.md §2); PDTR (UniPic 2.0, ABSTRACTS.md §9) is two sequential runs
+UniRef-Image-Edit's RL stage (UniRef-Image-Edit paper); PDTR (UniPic 2.0 paper) is two sequential runs
 of this same loop with different prompts and rewards (§3 [inference]), so it needs nothing here.
 
 Notation (rectified flow): x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0, sampling runs sigma 1 -> 0,
 Delta = sigma_next - sigma < 0. Log-probabilities, ratios, KL and advantages are fp32 whatever the input
-dtype (DESIGN.md "Performance rules"); a log-probability is the MEAN over a sample's latent elements (as
+dtype (docs/architecture.md); a log-probability is the MEAN over a sample's latent elements (as
 the released code), so a ratio is a geometric mean over elements and the PPO clip range is tiny (1e-4).
 Nothing here forces a device sync: checks that would read a GPU tensor are left out.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,7 +30,6 @@ SDE_KINDS = ("flow_grpo", "cps", "dance")
 STD_SCOPES = ("group", "batch", "none")
 AGGREGATION_RULES = ("sum_then_normalize", "normalize_then_sum")
 STEP_MODES = ("all", "fraction", "window", "random")
-MSGRPO_WEIGHTS = ("instruction", "consistency", "min")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -220,6 +220,38 @@ def group_advantages(
     return adv.clamp(-clip, clip) if clip is not None else adv
 
 
+def gather_groups(
+    scores: Mapping[str, Tensor], prompts: int, group_size: int
+) -> tuple[dict[str, Tensor], Tensor, slice]:
+    """Every process's scores [N] and group ids, in rank order, and this process's slice of them.
+
+    Flow-GRPO gathers the rewards and the prompt ids over all processes before it normalises
+    (`accelerator.gather`, then `PerPromptStatTracker.update`), and keeps its own part of the advantages.
+    Here each process rolls out G trajectories for each of its `prompts` prompts; group ids number the
+    prompts globally in rank order (rank r's first prompt follows all of rank r - 1's), so the gathered batch
+    is the batch one process would hold. One `all_gather_object` of CPU tensors; on one process nothing moves.
+    """
+    n = prompts * group_size
+    group_ids = torch.arange(prompts).repeat_interleave(group_size)
+    local = {k: v.detach().float().cpu() for k, v in scores.items()}
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local, group_ids, slice(0, n)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, (local, prompts))
+    keys = sorted({k for part_scores, _ in parts for k in part_scores})
+    gathered, ids, offset, start = {k: [] for k in keys}, [], 0, 0
+    for r, (part_scores, part_prompts) in enumerate(parts):
+        size = part_prompts * group_size
+        for k in keys:
+            gathered[k].append(part_scores.get(k, torch.full((size,), math.nan)))
+        ids.append(offset + torch.arange(part_prompts).repeat_interleave(group_size))
+        if r == rank:
+            start = sum(p * group_size for _, p in parts[:r])
+        offset += part_prompts
+    return {k: torch.cat(v) for k, v in gathered.items()}, torch.cat(ids), slice(start, start + n)
+
+
 def zero_advantage_groups(advantages: Tensor, group_ids: Tensor) -> Tensor:
     """bool [N]: True where every advantage of the sample's group is 0 (equal rewards, a group of one): drop them.
 
@@ -288,7 +320,7 @@ def aggregate_rewards(
 
 
 def msgrpo_reward(
-    instruction: Tensor,
+    instruction: Mapping[str, Tensor] | Tensor,
     per_reference: Tensor,
     group_ids: Tensor,
     weights: Mapping[str, float] | None = None,
@@ -299,22 +331,29 @@ def msgrpo_reward(
 
     MSGRPO's exact formula is NOT public (UniRef-Image-Edit, arXiv 2602.14186: abstract only, no code).
     This implements the notes' suggestion: every reference k gets its own consistency reward c_k,
-    z-scored within the group, as is the instruction reward; they are combined by pattern 2
+    z-scored within the group, as is each instruction reward r_j; they are combined by pattern 2
     (normalise then sum):
-        s = w_instruction z(instr) + w_consistency mean_k z(c_k) + [use_min] w_min min_k z(c_k),
+        s = sum_j w_j z(r_j) + w_consistency mean_k z(c_k) + [use_min] w_min min_k z(c_k),
     then renormalised over the batch, r = (s - mean s) / (std s + eps) (follow it with
-    `group_advantages(std_scope="none")`). The mean and min run over the references a sample has
-    (NaN columns of `per_reference` [N, R] are absent references); a sample without references gets
-    0 for both. Averaging over references keeps the consistency-instruction balance independent of R;
-    the min term rewards the worst-kept reference, so no reference is traded away for the others.
-    `weights` keys: "instruction", "consistency", "min" (each defaults to 1).
+    `group_advantages(std_scope="none")`). `instruction` holds the RAW instruction rewards {name: [N]}
+    (one tensor stands for {"instruction": it}); each is z-scored once, here, so its weight w_j weighs
+    it against the consistency terms (a second z-score of an already weighted sum would cancel w_j).
+    The mean and min run over the references a sample has (NaN columns of `per_reference` [N, R] are
+    absent references); a sample without references gets 0 for both. Averaging over references keeps the
+    consistency-instruction balance independent of R; the min term rewards the worst-kept reference, so no
+    reference is traded away for the others. `weights` keys: the instruction names, "consistency" and
+    "min" (each defaults to 1).
     """
-    w = {"instruction": 1.0, "consistency": 1.0, "min": 1.0}
-    unknown = sorted(set(weights or {}) - set(MSGRPO_WEIGHTS))
+    if isinstance(instruction, Tensor):
+        instruction = {"instruction": instruction}
+    if {"consistency", "min"} & set(instruction):
+        raise ValueError("the instruction rewards may not be named 'consistency' or 'min' (reserved weights)")
+    w = {**dict.fromkeys(instruction, 1.0), "consistency": 1.0, "min": 1.0}
+    unknown = sorted(set(weights or {}) - set(w))
     if unknown:
-        raise KeyError(f"msgrpo weights {unknown} are not among {', '.join(MSGRPO_WEIGHTS)}")
+        raise KeyError(f"msgrpo weights {unknown} are not among {', '.join(w)}")
     w.update(weights or {})
-    n = instruction.shape[0]
+    n = group_ids.shape[0]
     if per_reference.ndim != 2 or per_reference.shape[0] != n:
         raise ValueError(f"per_reference must be [N={n}, R], got {tuple(per_reference.shape)}")
     per_reference = per_reference.float()
@@ -323,7 +362,11 @@ def msgrpo_reward(
     z = torch.stack(columns, 1) if columns else per_reference.new_zeros(n, 0)
     refs = present.sum(1)
     consistency = torch.where(present, z, 0.0).sum(1) / refs.clamp_min(1)
-    total = w["instruction"] * group_z(instruction, group_ids, eps) + w["consistency"] * consistency
+    total = w["consistency"] * consistency
+    for name, values in instruction.items():
+        if values.shape != (n,):
+            raise ValueError(f"instruction reward {name!r} has shape {tuple(values.shape)}, expected ({n},)")
+        total = total + w[name] * group_z(values, group_ids, eps)
     if use_min:
         worst = torch.where(present, z, math.inf).amin(1) if z.shape[1] else z.new_zeros(n)
         total = total + w["min"] * torch.where(refs > 0, worst, 0.0)
@@ -393,7 +436,7 @@ def trained_step_indices(
       (0, T // 2): high-noise-only training; the other steps run the ODE.
     - "random" (DanceGRPO): int(fraction T) steps drawn without replacement, in the drawn order
       (DanceGRPO draws one permutation per sample: call once per sample).
-    The random modes need `generator` (no global random state; DESIGN.md "Reliability rules").
+    The random modes need `generator` (no global random state; docs/architecture.md).
     """
     if mode not in STEP_MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(STEP_MODES)}")

@@ -2,24 +2,26 @@
 
 SELF serialises all images of one sample (0-6 clean reference latents and the noisy target latent) into ONE
 token sequence, pads that sequence to a fixed length with a mask, and batches samples that differ in the number
-and sizes of their references. diffusers 0.42 cannot run that batch (methods/multiref_mico.md §7): its processors
+and sizes of their references. diffusers 0.42 cannot run that batch (docs/methods/uniref.md): its processors
 ignore or refuse padding masks, and position ids / RoPE tables are shared by the whole batch. Each backend here
 wraps a diffusers DiT and REUSES its weights and modules (patch/time/text embedders, transformer blocks,
 norm_out, proj_out); it replaces only how tokens are embedded and positioned, the attention processors (through
 `set_attn_processor`, masked SDPA) and the per-image unpatchify:
 
-- `SD3Kontext` — UniPic2-SD3.5M-Kontext (methods/rl_grpo_dmd.md §5): every image through the same `PatchEmbed`
+- `SD3Kontext` — UniPic2-SD3.5M-Kontext (docs/methods/unipic2.md): every image through the same `PatchEmbed`
   (its own centred crop of the 2-D sin-cos table, no offset), references PREPENDED ([ref_1 .. ref_N, target]),
   joint attention with the text stream, one shared timestep (clean references share the target's adaLN).
-- `QwenImageEdit` — Qwen-Image-Edit-2509/2511, UniPic 3.0, MICo (multiref_mico.md §1): [target | ref_1 .. ref_N]
+- `QwenImageEdit` — Qwen-Image-Edit-2509/2511, UniPic 3.0, MICo (docs/methods/uniref.md): [target | ref_1 .. ref_N]
   2x2-packed into `img_in`, MSRoPE with frame index = image index and centred h/w, text positions after
   max(h/2, w/2), computed PER SAMPLE; `zero_cond_t` (2511) modulates reference tokens at t = 0.
-- `FluxKontext` — FLUX.1 Kontext (multiref_mico.md §1): [target | ref_1 .. ref_N] with 3-axis RoPE ids
+- `FluxKontext` — FLUX.1 Kontext (docs/methods/uniref.md): [target | ref_1 .. ref_N] with 3-axis RoPE ids
   (index, h, w), target index 0 and reference k index k on the same h/w grid, per-sample ids; optional guidance.
 
 Padding: padded image keys (and masked text keys) get -inf before the softmax so they change nothing; padded
 queries attend to the real keys, produce finite garbage, and are dropped before unpatchify. On CUDA the padding
-is skipped, not computed: flex attention with a block mask of the real keys (`attention_path`, `packed_attention`).
+is skipped, not computed: flex attention with a block mask of the real keys (`attention_path`, `packed_attention`),
+or, with the xformers backend, xformers' variable-length attention over the real tokens only (`varlen_attention`:
+every sample's real tokens packed into one sequence with a block-diagonal mask, never a dense B x H x L x L bias).
 """
 
 from __future__ import annotations
@@ -206,8 +208,8 @@ def packed_attention(
     - mask: SDPA with a boolean key mask broadcast over heads and queries (False -> -inf before the
       softmax); the padded layout costs B·L² whatever the padding. `backend` is the processor's
       `_attention_backend`, which diffusers' `set_attention_backend` (and so `omnilab.attention.apply_attention`)
-      sets: None/native -> SDPA here, xformers -> diffusers' dispatcher (it turns the key mask into an additive
-      bias); backends that cannot take a mask are refused.
+      sets: None/native -> SDPA here; xformers -> `varlen_attention`, xformers' block-diagonal attention over the
+      real tokens only (without padding, diffusers' dispatcher with no bias); other backends are refused.
     - flex: `flex_attention` with a `padding_block_mask` (queries and keys are the same tokens in every packed
       processor): 128 x 128 tiles of padding are skipped and tiles of real keys run without a mask, so a
       sample costs about its real tokens squared, not the padded length squared. The real queries' outputs
@@ -239,10 +241,62 @@ def packed_attention(
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     if name == "xformers":
-        return dispatch_attention_fn(query, key, value, attn_mask=key_mask, backend=backend)
+        if key_mask is None:
+            return dispatch_attention_fn(query, key, value, backend=backend)
+        return varlen_attention(query, key, value, key_mask)
     raise ValueError(
         f"packed attention needs a backend that takes a padding mask (native or xformers), got {name!r}"
     )
+
+
+def varlen_layout(key_mask: Tensor) -> tuple[Tensor, list[int]]:
+    """(positions of the real tokens in the flattened [B·L] layout, real tokens per sample) of a [B, L] mask.
+
+    The packed processors attend a sequence to itself, so one mask marks the real queries and the real keys.
+    The per-sample lengths come to the host (xformers builds its block-diagonal bias from Python ints).
+    """
+    return key_mask.flatten().nonzero().squeeze(1), key_mask.sum(1).tolist()
+
+
+def varlen_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_mask: Tensor,
+    attend: Callable[[Tensor, Tensor, Tensor, list[int]], Tensor] | None = None,
+) -> Tensor:
+    """Attention of each sample's real tokens to its own real tokens, padding never computed: [B, L, H, D] in/out.
+
+    The real tokens of all samples are gathered into one [1, N, H, D] sequence (N = the real tokens of the
+    batch) and attended block-diagonally, sample by sample, by `attend(q, k, v, seqlens)` (default: xformers'
+    `memory_efficient_attention` with `BlockDiagonalMask.from_seqlens`); the outputs go back to their slots and
+    padded slots get 0 (they are dropped anyway). Memory is O(N), not the O(B·H·L²) of a dense bias.
+    """
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"varlen attention is self-attention: {query.shape[1]} queries, {key.shape[1]} keys")
+    index, seqlens = varlen_layout(key_mask)
+    q, k, v = (t.flatten(0, 1).index_select(0, index)[None] for t in (query, key, value))
+    out = (attend or xformers_block_diagonal)(q, k, v, seqlens)[0]
+    full = out.new_zeros(query.shape[0] * query.shape[1], *out.shape[1:])
+    return full.index_copy_(0, index, out).view(*query.shape[:2], *out.shape[1:])
+
+
+def xformers_block_diagonal(q: Tensor, k: Tensor, v: Tensor, seqlens: list[int]) -> Tensor:
+    """xformers' variable-length attention of [1, N, H, D] tensors, one block per sample of `seqlens`."""
+    import xformers.ops as xops
+    from xformers.ops.fmha import BlockDiagonalMask
+
+    return xops.memory_efficient_attention(q, k, v, attn_bias=BlockDiagonalMask.from_seqlens(seqlens))
+
+
+def sdpa_block_diagonal(q: Tensor, k: Tensor, v: Tensor, seqlens: list[int]) -> Tensor:
+    """The same block-diagonal attention with SDPA, one block at a time (any device; the reference in tests)."""
+    outs, start = [], 0
+    for n in seqlens:
+        block = (t[:, start : start + n].transpose(1, 2) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(*block).transpose(1, 2))
+        start += n
+    return torch.cat(outs, dim=1)
 
 
 def _key_mask(*parts: tuple[Tensor | None, int, Tensor]) -> Tensor | None:

@@ -10,13 +10,15 @@ tokenizers sit in its `text_encoder*`/`tokenizer*` subfolders) or from a random-
   attended (SD3 uses no text mask). The tiny variant may have one CLIP and one T5.
 - `flux` (FLUX.1 Kontext; `FluxPipeline.encode_prompt`): pooled = the CLIP pooler output,
   hidden = the T5 states; no text mask.
-- `qwen` (Qwen-Image-Edit / UniPic 3.0 §Method / Qwen-MICo, methods/multiref_mico.md §1;
+- `qwen` (Qwen-Image-Edit / UniPic 3.0 §Method / Qwen-MICo, docs/methods/uniref.md;
   `QwenImageEditPlusPipeline._get_qwen_prompt_embeds`): Qwen2.5-VL reads the chat template with one
   `Picture k: <|vision_start|><|image_pad|><|vision_end|>` per reference before the instruction; the
   last hidden states of the valid tokens, less the first `drop_tokens` (64 for the real template,
   i.e. the system prompt), are the text; the mask marks the valid ones. With a vision tower the
   processor expands `<|image_pad|>` to the reference's patches (the references scaled by 28/32, the
-  UniPic-3 rule); without one the template stays text only.
+  UniPic-3 rule); without one the template stays text only. The pipeline cuts nothing: the picture
+  tokens (thousands at a 2048² budget, and they come before the instruction) are always kept, and
+  `max_sequence_length` bounds only the other tokens, so the instruction is never dropped.
 
 Each encoder is frozen by its user and returns `TextConditioning(hidden [B,T,D], mask [B,T] bool,
 pooled [B,P] | None)`.
@@ -160,7 +162,8 @@ class QwenVLTextEncoder(TextEncoder):
         drop_tokens: Hidden states dropped from the start (the template's prefix); None: count the
             tokens of the template before `{}` (64 for Qwen-Image-Edit's template and tokenizer).
         vlm_scale: The references' side scale for the VLM (UniPic-3: 28/32, one VL token per 2x2 DiT tokens).
-        max_sequence_length: Tokens kept after the drop (Qwen-Image-Edit: at most 1024).
+        max_sequence_length: Text tokens kept after the drop, not counting the pictures' `<|image_pad|>`
+            tokens, which are all kept (the Edit-Plus pipeline keeps every token and allows at most 1024).
     """
 
     def __init__(
@@ -195,6 +198,11 @@ class QwenVLTextEncoder(TextEncoder):
             pixels.append(((resized.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         return self.image_processor(images=pixels, return_tensors="pt")
 
+    def _kept(self, ids: Tensor, pad_id: int) -> Tensor:
+        """bool [T]: every picture token, and the first `max_sequence_length` of the others (text, template)."""
+        text = ids != pad_id
+        return ~text | (text & (text.cumsum(0) <= self.max_sequence_length))
+
     def forward(self, prompts: list[str], images: list[list[Tensor]] | None = None) -> TextConditioning:
         """`QwenImageEditPlusPipeline._get_qwen_prompt_embeds` for a batch (any number of references each)."""
         device = self.device
@@ -220,7 +228,11 @@ class QwenVLTextEncoder(TextEncoder):
             **vision,
         )
         states, valid = out.hidden_states[-1], inputs.attention_mask.bool()
-        kept = [s[m][self.drop_tokens :][: self.max_sequence_length] for s, m in zip(states, valid)]
+        pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        kept = [
+            s[m][self.drop_tokens :][self._kept(ids[m][self.drop_tokens :], pad_id)]
+            for s, m, ids in zip(states, valid, inputs.input_ids)
+        ]
         length = max(1, max(len(k) for k in kept))
         hidden = states.new_zeros(len(kept), length, states.shape[-1])
         mask = torch.zeros(len(kept), length, dtype=torch.bool, device=device)
@@ -288,7 +300,7 @@ def build_text_encoder(
     def model(cls: type, folder: str, cfg: dict[str, Any] | None, tok: PreTrainedTokenizerBase) -> nn.Module:
         if pretrained is not None:
             return build_backbone(cls, pretrained=pretrained, subfolder=folder, **load)
-        return cls(cls.config_class(**_with_token_ids(cfg, tok)))
+        return build_backbone(cls, config=_with_token_ids(cfg, tok))  # keys checked against the config class
 
     if family == "sd3":
         n_clips = 2 if pretrained is not None else len(config.get("clip") or [])
@@ -340,7 +352,6 @@ def _build_qwen(
     """Qwen2.5-VL, its tokenizer and (unless `vision: false`) its image processor."""
     from transformers import (
         AutoImageProcessor,
-        Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLImageProcessorPil,
     )
@@ -372,8 +383,9 @@ def _build_qwen(
         ids = {
             f"{name}_token_id": tok.convert_tokens_to_ids(f"<|{token}|>") for name, token in specials.items()
         }
-        model = Qwen2_5_VLForConditionalGeneration(
-            Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **{**ids, **cfg})
+        model = build_backbone(  # keys checked against Qwen2_5_VLConfig and its text/vision configs
+            Qwen2_5_VLForConditionalGeneration,
+            config={"text_config": text_config, "vision_config": vision_config, **ids, **cfg},
         )
         defaults = {
             "patch_size": vision_config["patch_size"],

@@ -2,7 +2,9 @@
 
 No tokenizer can be downloaded here, and a random-init model still needs a real tokenizer of its
 family's kind. `build_tokenizer(kind, vocab_size)` learns a CLIP-style BPE, a T5-style Unigram-shaped
-BPE or a Qwen-style byte-level BPE (with the Qwen2.5-VL special tokens and chat template) on a
+BPE, a Qwen-style byte-level BPE (with the Qwen2.5-VL special tokens and chat template) or a Chameleon-style
+byte-level BPE whose vocabulary is extended with image-code tokens and the image-structure specials of
+Lumina-mGPT / PURE (`image_codes`), on a
 generated corpus (the instruction language of the synthetic data plus ordinary words), saves it with
 `save_pretrained` and loads it back with `AutoTokenizer.from_pretrained`; built once, cached under
 `$OMNILAB_CACHE/tokenizers/<kind>-<vocab>` (default `~/.cache/omnilab`). The merges come from a
@@ -23,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-TokenizerKind = Literal["clip", "t5", "qwen"]
+TokenizerKind = Literal["clip", "t5", "qwen", "chameleon"]
 CORPUS_VERSION = 2  # bump when the corpus or a tokenizer recipe changes: cached tokenizers are rebuilt
 
 # --- the generated corpus ------------------------------------------------------------------------------
@@ -69,6 +71,30 @@ QWEN_EDIT_TEMPLATE = (
 )
 IMAGE_PAD = "<|image_pad|>"
 PICTURE_TEMPLATE = "Picture {}: <|vision_start|>" + IMAGE_PAD + "<|vision_end|>"
+
+
+RESTORATION_INSTRUCTION = "Perceive the degradation level, understand the image content, and restore the high-quality image."  # PURE's instruction (README, inference example)
+LEVELS = _words("Small Medium Large small medium large")
+DESCRIPTION_WORDS = _words(
+    "features shows depicts photograph close-up view astronaut spacesuit flag cup coffee saucer plate "
+    "cat tabby whiskers rocket launch pad smoke tower tissue stained cells microscope galaxies stars "
+    "space deep field motorcycle parked wall wooden stone metal red orange blue green white black sky "
+    "grass road building window light shadow detailed texture background foreground lion majestic"
+)
+
+
+def restoration_corpus(n: int = 800, seed: int = 0) -> list[str]:
+    """`n` deterministic answers in PURE's layout ("Medium blur, small noise. The image features ..."), plus its instruction."""
+    rng = np.random.default_rng(seed)
+
+    def pick(words: list[str]) -> str:
+        return words[int(rng.integers(len(words)))]
+
+    def answer() -> str:
+        words = " ".join(pick(DESCRIPTION_WORDS + WORDS) for _ in range(int(rng.integers(3, 12))))
+        return f"{pick(LEVELS[:3])} blur, {pick(LEVELS[3:])} noise. The image features a {words}."
+
+    return [*[RESTORATION_INSTRUCTION] * 20, *(answer() for _ in range(n))]
 
 
 def synthetic_corpus(n: int = 3000, seed: int = 0) -> list[str]:
@@ -308,7 +334,74 @@ def _qwen_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFa
     )
 
 
-TOKENIZER_RECIPES = {"clip": _clip_tokenizer, "t5": _t5_tokenizer, "qwen": _qwen_tokenizer}
+# Chameleon's vocabulary (facebook/chameleon, as Lumina-mGPT and PURE read it): <s> <pad> </s> <unk> at ids 0-3,
+# then the image-code tokens "IMGIMG<code digits as letters A-J>Z" (so code c sits at id 4 + c), then text.
+# The image structure of Lumina-mGPT (`pure/data/item_processor.py`): an image is <racm3:break>, two grid-size
+# tokens <reserved{8800 + n}>, rows of codes each closed by <reserved08799>, then <eoss>; a turn ends with
+# <reserved08706>; <|image|> marks where an image goes in a conversation.
+CHAMELEON_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+IMAGE_START, IMAGE_END, ROW_END, TURN_END = "<racm3:break>", "<eoss>", "<reserved08799>", "<reserved08706>"
+IMAGE_PLACEHOLDER = "<|image|>"
+GRID_TOKEN_BASE = 8800  # <reserved{8800 + n}> says "n grid cells"
+MAX_GRID = 64  # grid-size tokens for 0..64 cells (2048 px at 32 px a cell)
+
+
+def grid_token(n: int) -> str:
+    """The grid-size token for n cells: `<reserved{8800 + n:05d}>`."""
+    return f"<reserved{GRID_TOKEN_BASE + n:05d}>"
+
+
+def image_code_token(code: int) -> str:
+    """Chameleon's name of image code `code`: "IMGIMG" + its decimal digits written as letters A-J + "Z"."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def image_code_of(token: str) -> int | None:
+    """The code an "IMGIMG...Z" token names (Chameleon's `bpe2img` rule), or None for any other token."""
+    if not (token.startswith("IMGIMG") and token.endswith("Z") and len(token) > 7):
+        return None
+    digits = token[6:-1]
+    return (
+        int("".join(str(ord(c) - ord("A")) for c in digits)) if all("A" <= c <= "J" for c in digits) else None
+    )
+
+
+def _chameleon_tokenizer(vocab_size: int, corpus: list[str], image_codes: int = 0) -> PreTrainedTokenizerFast:
+    """Chameleon-style: byte-level BPE, <s> <pad> </s> <unk> at 0-3, `image_codes` IMGIMG tokens at 4.., structure specials.
+
+    `vocab_size` counts the text part (the four specials, 256 bytes, merges); the image codes and the structure
+    specials (image start/end, row end, turn end, the grid sizes 0..64, <|image|>) come on top.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [*corpus, *restoration_corpus()]
+    images = [image_code_token(c) for c in range(image_codes)]
+    base = [*CHAMELEON_SPECIALS, *images, *sorted(pre_tokenizers.ByteLevel.alphabet())]
+    merges = learn_bpe(_word_counts(tok, corpus), max(vocab_size - len(CHAMELEON_SPECIALS) - 256, 0))
+    vocab = {token: i for i, token in enumerate([*base, *(a + b for a, b in merges)])}
+    tok.model = models.BPE(vocab=vocab, merges=merges)
+    structure = [IMAGE_START, IMAGE_END, TURN_END, ROW_END, *(grid_token(n) for n in range(MAX_GRID + 1))]
+    tok.add_special_tokens([*CHAMELEON_SPECIALS, *images, *structure, IMAGE_PLACEHOLDER])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=131072,
+    )
+
+
+TOKENIZER_RECIPES = {
+    "clip": _clip_tokenizer,
+    "t5": _t5_tokenizer,
+    "qwen": _qwen_tokenizer,
+    "chameleon": _chameleon_tokenizer,
+}
 
 
 def tokenizer_cache_dir() -> Path:
@@ -318,22 +411,28 @@ def tokenizer_cache_dir() -> Path:
 
 
 def build_tokenizer(
-    kind: TokenizerKind, vocab_size: int = 512, out_dir: str | Path | None = None
+    kind: TokenizerKind, vocab_size: int = 512, out_dir: str | Path | None = None, image_codes: int = 0
 ) -> PreTrainedTokenizerFast:
-    """A CLIP-, T5- or Qwen-style tokenizer trained offline; saved once, then loaded with AutoTokenizer.
+    """A CLIP-, T5-, Qwen- or Chameleon-style tokenizer trained offline; saved once, then loaded with AutoTokenizer.
 
-    The folder (`out_dir`, default `tokenizer_cache_dir()/<kind>-<vocab_size>`) is reused when its
+    `image_codes` (Chameleon only) adds that many image-code tokens. The folder (`out_dir`, default
+    `tokenizer_cache_dir()/<kind>-<vocab_size>[-img<image_codes>]`) is reused when its
     `omnilab_tokenizer.json` names the same kind, vocabulary size and corpus version; otherwise the
     tokenizer is trained on `synthetic_corpus()` (deterministic: the same ids every time), written to a
     temporary folder and moved into place, so concurrent builders never see half a tokenizer.
     """
-    out = Path(out_dir) if out_dir is not None else tokenizer_cache_dir() / f"{kind}-{vocab_size}"
-    stamp = {"kind": kind, "vocab_size": vocab_size, "corpus_version": CORPUS_VERSION}
-    marker = out / "omnilab_tokenizer.json"
     if kind not in TOKENIZER_RECIPES:
         raise ValueError(f"tokenizer kind {kind!r}: choose {', '.join(TOKENIZER_RECIPES)}")
+    if image_codes and kind != "chameleon":
+        raise ValueError(f"image_codes={image_codes}: only the chameleon tokenizer has image-code tokens")
+    name = f"{kind}-{vocab_size}" + (f"-img{image_codes}" if image_codes else "")
+    out = Path(out_dir) if out_dir is not None else tokenizer_cache_dir() / name
+    stamp = {"kind": kind, "vocab_size": vocab_size, "corpus_version": CORPUS_VERSION}
+    extra = {"image_codes": image_codes} if image_codes else {}
+    stamp.update(extra)
+    marker = out / "omnilab_tokenizer.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
-        tokenizer = TOKENIZER_RECIPES[kind](vocab_size, synthetic_corpus())
+        tokenizer = TOKENIZER_RECIPES[kind](vocab_size, synthetic_corpus(), **extra)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         tokenizer.save_pretrained(tmp)

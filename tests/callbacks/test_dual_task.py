@@ -7,8 +7,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.dual_task import DualTaskSchedule
+from callbacks.dual_task import DualTaskSchedule, SupportsTaskMix
 from callbacks.grpo import GRPORollouts
+from datamodules.multiref import MultiRefDataModule
+from datamodules.synth import synthesize
 from tests.callbacks.test_grpo import Recorder, redness
 from tests.lightning_modules.test_flow_edit import QUIET
 from tests.lightning_modules.test_flow_grpo import (
@@ -71,14 +73,14 @@ def schedule(calls: list[str], **kw) -> DualTaskSchedule:
     return DualTaskSchedule(stages, **kw)
 
 
-def run(max_steps: int, root=None, ckpt=None, data=None, **kw):
+def run(max_steps: int, root=None, ckpt=None, data=None, before=(), **kw):
     calls: list[str] = []
     model = tiny_grpo()
     grpo = GRPORollouts(
         reward={"red": redness}, group_size=2, steps=2, train_steps="all", steps_per_rollout=1
     )
     dual, recorder = schedule(calls, **kw), Recorder()
-    callbacks = [recorder, dual, grpo]
+    callbacks = [*before, recorder, dual, grpo]
     args = {**QUIET, "max_steps": max_steps, "limit_val_batches": 0}
     if root is not None:
         callbacks.append(ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=0))
@@ -105,6 +107,59 @@ def test_the_datamodule_task_mix_is_set_when_it_offers_the_protocol():
     assert data.mixes == [{"t2i": 1.0}, {"edit": 1.0}]
 
 
+class TaskRecorder(L.Callback):
+    """The tasks of each training batch, before the GRPO callback uses it."""
+
+    def __init__(self) -> None:
+        self.tasks: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.tasks.append(list(batch["task"]))
+
+
+def test_each_stage_draws_only_its_tasks_from_the_multiref_datamodule(tmp_path):
+    # The schedule sets the datamodule's task mix, so every batch of a stage holds only the stage's tasks:
+    # the GRPO callback's task filter has nothing to drop and every prompt of a batch is rolled out.
+    synthesize("multiref", tmp_path, samples={"train": 24, "val": 2, "test": 2}, seed=0)
+    data = MultiRefDataModule(
+        data_dir=str(tmp_path), budget=64, target_budget=64, min_side=32, multiple=32, batch_size=3,
+        batches_per_epoch=10, max_skip_fraction=0.5,
+    )  # fmt: skip
+    grpo = GRPORollouts(
+        reward={"red": redness}, group_size=2, steps=2, train_steps="all", steps_per_rollout=1, size=(16, 16)
+    )
+    stages = [
+        {"name": "t2i", "steps": 2, "tasks": ["t2i"]},
+        {"name": "edit", "steps": 2, "tasks": ["edit"]},
+    ]
+    tasks, recorder = TaskRecorder(), Recorder()
+    trainer = L.Trainer(
+        callbacks=[tasks, recorder, DualTaskSchedule(stages), grpo],
+        **{**QUIET, "max_steps": 10, "limit_val_batches": 0},
+    )
+    trainer.fit(tiny_grpo(), datamodule=data)
+    assert trainer.global_step == 4 and data.task_mix == {"edit": 1.0}
+    assert tasks.tasks == [["t2i"] * 3] * 2 + [["edit"] * 3] * 2
+    assert grpo.no_prompts == 0 and [len(s) for s in recorder.slices] == [3 * 2] * 4  # all 3 prompts x G
+
+
+def test_the_multiref_task_mix_reaches_running_workers(tmp_path):
+    synthesize("multiref", tmp_path, samples={"train": 24, "val": 2, "test": 2}, seed=0)
+    data = MultiRefDataModule(
+        data_dir=str(tmp_path), budget=128, target_budget=64, min_side=32, multiple=32, batch_size=2,
+        batches_per_epoch=24, num_workers=2, max_skip_fraction=0.5,
+    )  # fmt: skip
+    assert isinstance(data, SupportsTaskMix)
+    data.set_task_mix({"t2i": 1.0})
+    batches = iter(data.train_dataloader())
+    assert next(batches)["task"] == ["t2i", "t2i"]
+    data.set_task_mix({"edit": 1.0, "compose": 1.0})
+    rest = [b["task"] for b in batches]
+    # batches the workers had made keep t2i: at most workers x (prefetch_factor + 1) = 6 of them
+    assert all(t in ("edit", "compose") for batch in rest[6:] for t in batch), rest
+    assert {t for batch in rest[6:] for t in batch} == {"edit", "compose"}
+
+
 def test_state_survives_a_checkpoint_and_a_resumed_run_switches_at_the_same_step(tmp_path):
     _, full, _, full_rec, full_calls = run(max_steps=10)
     run(max_steps=1, root=tmp_path / "a")  # mid-stage 1
@@ -118,9 +173,42 @@ def test_state_survives_a_checkpoint_and_a_resumed_run_switches_at_the_same_step
         assert torch.equal(a, b), name
 
 
+class LoraSnapshot(L.Callback):
+    """Each LoRA layer's (base weight, LoRA delta) after every step, before the schedule's switch runs."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(lora_state(pl_module))
+
+
+def lora_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: (m.get_base_layer().weight.detach().clone(), m.get_delta_weight("default").detach().clone())
+        for name, m in model.backbone.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+
+
 def test_restart_adapter_merges_stage_one_into_the_base_at_the_switch():
-    _, model, _, _, _ = run(max_steps=10, restart_adapter=True)
-    assert model.merged_adapters == 1
+    # Stage 1 ends after step 2: its LoRA delta goes into the base weights (W + BA) and a fresh adapter
+    # (B = 0) starts, so the network computes the same function across the switch.
+    snapshot = LoraSnapshot()
+    _, model, _, _, _ = run(max_steps=2, restart_adapter=True, before=[snapshot])
+    before, after = snapshot.steps[-1], lora_state(model)  # the snapshot runs before the switch
+    assert model.merged_adapters == 1 and len(before) > 0
+    assert all(delta.abs().max() > 0 for _, delta in before.values())  # stage 1 trained the adapter
+    for name, (base, delta) in before.items():
+        torch.testing.assert_close(after[name][0], base + delta, rtol=0, atol=1e-6)
+        assert not torch.equal(after[name][0], base) and after[name][1].abs().max() == 0, name
+    # without restart_adapter the base stays and the adapter carries on
+    snapshot = LoraSnapshot()
+    _, model, _, _, _ = run(max_steps=2, before=[snapshot])
+    assert model.merged_adapters == 0
+    assert all(torch.equal(lora_state(model)[n][0], base) for n, (base, _) in snapshot.steps[-1].items())
 
 
 def test_state_dict_round_trip_and_a_different_schedule_is_refused():

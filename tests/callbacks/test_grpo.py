@@ -15,8 +15,15 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.grpo import ROLLOUT_KEY, GRPORollouts, GRPOSkipError, Rollout, build_reward, reward_level
-from lightning_modules.components.grpo import group_advantages, group_z, msgrpo_reward
+from callbacks.grpo import (
+    ROLLOUT_KEY,
+    GRPORollouts,
+    GRPOSkipError,
+    Rollout,
+    build_reward,
+    reward_level,
+)
+from lightning_modules.components.grpo import gather_groups, group_advantages, msgrpo_reward
 from omnilab.allowlist import RefusedImport
 from rewards.base import Reward
 from rewards.remote import RemoteReward
@@ -119,7 +126,10 @@ def test_a_down_reward_server_skips_and_k_in_a_row_stop_the_run_with_a_clear_mes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
-    remote = RemoteReward(f"http://127.0.0.1:{port}/", timeout=0.5, retries=0, name="judge")
+    # a server that went down after the start (one down at the start stops the fit: test_reward_serving.py)
+    remote = RemoteReward(
+        f"http://127.0.0.1:{port}/", timeout=0.5, retries=0, name="judge", check_at_start=False
+    )
     callback = grpo({"judge": remote}, max_consecutive_skips=2)
     with pytest.raises(GRPOSkipError, match=r"2 GRPO rollout batches in a row were skipped.*cannot connect"):
         fit(callback, max_steps=5)
@@ -157,16 +167,116 @@ def test_msgrpo_rule_is_wired_into_the_advantages():
     reward = {"instruction": Fixed(["instr"]), "consistency": Fixed(["ref0", "ref1"])}
     weights = {"instruction": 1.0, "consistency": 0.5, "min": 0.25}
     callback = grpo(
-        reward, weights=weights, rule="msgrpo", use_min=True, advantage_clip=None, steps_per_rollout=1
+        reward,
+        weights=weights,
+        rule="msgrpo",
+        use_min=True,
+        advantage_clip=None,
+        steps_per_rollout=1,
+        std_scope=None,
     )
     _, _, rec = fit(callback, max_steps=1)
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     refs = torch.stack([table["ref0"], table["ref1"]], 1)
     expected = msgrpo_reward(
-        group_z(table["instr"], groups), refs, groups, {"consistency": 0.5, "min": 0.25}, True
+        {"instruction/instr": table["instr"]}, refs, groups, {"consistency": 0.5, "min": 0.25}, True
     )
     expected = group_advantages(expected, groups, "none", clip=None)
     assert torch.allclose(rec.slices[0].advantages, expected, atol=1e-6)
+
+
+def test_a_std_scope_with_a_self_normalising_rule_is_refused():
+    for rule in ("msgrpo", "normalize_then_sum"):
+        with pytest.raises(
+            ValueError, match=f"std_scope='group' applies to rule 'sum_then_normalize' only: rule '{rule}'"
+        ):
+            grpo(rule=rule)  # grpo() sets std_scope="group"
+    callback = grpo()
+    with pytest.raises(ValueError, match="leave std_scope unset"):  # a PDTR stage switching to such a rule
+        callback.set_stage(None, {"rewards": {"red": redness}, "rule": "normalize_then_sum"})
+    assert grpo(rule="msgrpo", std_scope=None).std_scope is None
+
+
+def test_gathered_groups_are_numbered_in_rank_order_and_each_rank_keeps_its_slice(monkeypatch):
+    # gather_groups with a stand-in all_gather_object (the two-process run is the slow test below):
+    # rank 1 of 2, rank 0 holding 2 prompts, rank 1 one prompt, G = 3.
+    table = gather_table()
+    parts = [
+        ({k: v[:6] for k, v in table.items()}, 2),
+        ({"a/score": table["a/score"][6:]}, 1),
+    ]  # no "b" on rank 1
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), parts))
+    scores, groups, mine = gather_groups({"a/score": table["a/score"][6:]}, 1, 3)
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and mine == slice(6, 9)
+    assert torch.equal(scores["a/score"], table["a/score"])
+    assert torch.equal(scores["b/score"][:6], table["b/score"][:6]) and scores["b/score"][6:].isnan().all()
+
+
+@pytest.mark.slow
+def test_advantages_of_a_rollout_gathered_on_two_gloo_processes_equal_one_process(tmp_path):
+    # Flow-GRPO gathers rewards and prompt ids over all processes, then normalises ("batch": one std over
+    # every reward). Two processes with 2 and 1 prompts of G = 3 must get the advantages one process gets
+    # for the 3 prompts, each its own slice.
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    table = gather_table()
+    (tmp_path / "table.json").write_text(json.dumps({k: v.tolist() for k, v in table.items()}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, check=True, timeout=300
+    )
+    reward = build_reward({"a": redness, "b": redness}, weights={"a": 1.0, "b": 0.5})
+    groups = torch.arange(3).repeat_interleave(3)
+    single = reward.advantages(table, groups, "batch", 5.0)
+    ranks = [torch.tensor(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    assert torch.equal(torch.cat(ranks), single)
+    assert not torch.allclose(
+        ranks[1],
+        reward.advantages({k: v[6:] for k, v in table.items()}, groups[6:] - 2, "batch", 5.0),
+    )
+
+
+def gather_table() -> dict[str, torch.Tensor]:
+    """Scores of 3 prompts x G = 3 (for the gather test): rank 0 holds the first 6, rank 1 the last 3."""
+    g = torch.Generator().manual_seed(3)
+    return {
+        "a/score": torch.rand(9, generator=g).double().float(),
+        "b/score": (torch.rand(9, generator=g) * 4),
+    }
+
+
+GATHER_SCRIPT = """
+import json, os, sys, torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+def score(images, prompts, references, meta):
+    return {"score": torch.zeros(len(images))}  # never called: the scores are the table's
+
+def run(rank, out, table):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from lightning_modules.components.grpo import gather_groups
+    from rewards.base import CombinedReward
+    mine = slice(0, 6) if rank == 0 else slice(6, 9)
+    local = {k: torch.tensor(v[mine]) for k, v in table.items()}
+    scores, groups, own = gather_groups(local, 2 if rank == 0 else 1, 3)
+    reward = CombinedReward({"a": score, "b": score}, {"a": 1.0, "b": 0.5}, name="reward")
+    advantages = reward.advantages(scores, groups, "batch", 5.0)[own]
+    open(f"{out}/rank{rank}.json", "w").write(json.dumps(advantages.tolist()))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); os.environ["PORT"] = str(s.getsockname()[1])
+    table = json.loads(open(sys.argv[1] + "/table.json").read())
+    mp.spawn(run, args=(sys.argv[1], table), nprocs=2)
+"""
 
 
 def test_mean_training_reward_rises_on_a_learnable_reward():

@@ -183,3 +183,24 @@ def test_a_module_without_the_protocol_is_a_clear_error():
 
     with pytest.raises(TypeError, match="ttt_parameters"):
         trainer(TestTimeTraining()).test(Plain(), loader(["ego-exo"]))
+
+
+class ProbabilityCCMP(CCMP):
+    """CCMP whose predict step returns its mask probabilities (the prediction TTT should change)."""
+
+    def predict_step(self, batch, batch_idx):
+        last, _ = self(batch["src"], batch["src_mask"], batch["tgt"])
+        return torch.sigmoid(last.mask.float())
+
+
+def test_ttt_changes_the_prediction_and_the_next_pair_sees_the_original_model():
+    torch.manual_seed(0)
+    model = ProbabilityCCMP(**TINY)
+    model.configure_model()
+    pairs = loader(["ego-exo", "exo-ego"])
+    plain = trainer(TestTimeTraining(blocks=2, steps=0)).predict(model, pairs)
+    adapted = trainer(TestTimeTraining(blocks=2, steps=2, lr=1e-3)).predict(model, pairs)
+    again = trainer(TestTimeTraining(blocks=2, steps=0)).predict(model, pairs)
+    for p, a, g in zip(plain, adapted, again):
+        assert (p - a).abs().max() > 1e-4  # the two cycle-loss steps moved this pair's prediction
+        assert torch.equal(p, g)  # and left nothing behind: the same model predicts the same, bit for bit

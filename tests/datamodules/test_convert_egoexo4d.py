@@ -34,7 +34,7 @@ from datamodules.convert.egoexo4d import (
 )
 from datamodules.webdataset import decode_sample, iter_raw_samples
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "egoexo4d"  # a copy of shared/fixtures/egoexo4d
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "egoexo4d"  # a small take in the released layout
 TAKE = "3f1c9a52-7d2e-4b8e-9a41-0c6d2b7e5f10"
 VAL_PAIRS = {  # (setting, object, frame, visible), by hand from the fixture (module docstring)
     *(("ego-exo", "cutting board_0", f, True) for f in (0, 30, 60)),
@@ -167,6 +167,8 @@ def test_knife_at_60_in_cam01_is_an_invisible_ego_exo_pair(tmp_path: Path) -> No
         "tgt_frame": 60,
         "setting": "ego-exo",
         "visible": False,
+        "scored": True,
+        "planned": True,
         "src_native": [1408, 1408],
         "tgt_native": [2160, 3840],
         "split": "val",
@@ -283,12 +285,15 @@ def test_native_size_that_does_not_match_the_frame_is_a_counted_skip(tmp_path: P
     assert dict(report.skipped) == {"native_size_mismatch": 2} and len(samples) == 9
 
 
-def test_empty_source_mask_is_a_counted_skip(tmp_path: Path) -> None:
+def test_an_annotated_empty_source_mask_is_kept_and_noted(tmp_path: Path) -> None:
+    # The official evaluation iterates every annotated ego frame, an empty mask included, and
+    # validate_predictions requires a prediction for it.
     root = writable_copy(tmp_path)
     edit_mask(root, "knife_0", "aria01", "60", np.zeros((1408, 1408), np.uint8), rle_size=(1408, 1408))
     report, samples = convert(tmp_path, root)
-    # aria01 knife 60 is only a source (of the invisible ego-exo pair): cam01 has no knife mask at 60.
-    assert dict(report.skipped) == {"empty_source_mask": 1} and len(samples) == 10
+    assert not report.skipped and len(samples) == 11 and report.notes["an empty source mask"] == 1
+    assert not by_pair(samples)["ego-exo", "knife_0", 60]["src_mask.png"].any()
+    assert "1 pairs with an empty source mask" in report.summary()
 
 
 def test_take_outside_the_split_is_a_counted_skip(tmp_path: Path) -> None:
@@ -358,3 +363,130 @@ def test_cli_infers_the_split_and_prints_the_summary(tmp_path: Path, capsys: pyt
     assert json.loads(index.read_text())["splits"]["val"]["samples"] == 22
     printed = capsys.readouterr().out
     assert "ego-exo: 6, exo-ego: 5, ego-ego: 6, exo-exo: 5" in printed
+
+
+# --------------------------------------------------------------------------- the official evaluation's pairs
+
+
+def encoded(mask: np.ndarray) -> dict:
+    """A relations mask entry {width, height, encodedMask} of an HxW mask (LZString of the COCO RLE counts)."""
+    counts = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+    height, width = mask.shape
+    return {
+        "width": width,
+        "height": height,
+        "encodedMask": lzstring.LZString().compressToEncodedURIComponent(counts),
+    }
+
+
+def release_shaped(tmp_path: Path) -> Path:
+    """The fixture grown into every case the official loop treats specially (one more take, camera, objects).
+
+    - cutting board_0 gets a second exo camera cam02, annotated at frames 0 and 30 (60 is missing from that
+      view) with a mask at 0 only (invisible at 30); its cam01 mask at 30 is annotated but empty.
+    - knife_0's aria01 mask at 60 is annotated but empty (and the knife is invisible in cam01 at 60).
+    - spatula_0 has no ego camera (cam01 only); pan_0 no exo camera (aria01 only).
+    - a second take holds one object, lid_0, seen by cam01 alone.
+    """
+    root = writable_copy(tmp_path)
+    shutil.copytree(root / "takes" / TAKE / "cam01", root / "takes" / TAKE / "cam02")
+    path = root / "relations_val.json"
+    data = json.loads(path.read_text())
+    objects = data["annotations"][TAKE]["object_masks"]
+    exo = np.zeros((2160, 3840), np.uint8)
+    exo[1000:1200, 1500:1900] = 1
+    ego = np.zeros((1408, 1408), np.uint8)
+    ego[300:500, 700:900] = 1
+    objects["cutting board_0"]["cam02"] = {"annotated_frames": [0, 30], "annotation": {"0": encoded(exo)}}
+    objects["cutting board_0"]["cam01"]["annotation"]["30"] = encoded(np.zeros_like(exo))
+    objects["knife_0"]["aria01"]["annotation"]["60"] = encoded(np.zeros_like(ego))
+    objects["spatula_0"] = {"cam01": {"annotated_frames": [0], "annotation": {"0": encoded(exo)}}}
+    objects["pan_0"] = {"aria01": {"annotated_frames": [0, 30], "annotation": {"30": encoded(ego)}}}
+    lid = {"cam01": {"annotated_frames": [0], "annotation": {"0": encoded(exo)}}}
+    data["annotations"]["9d0e1f2a-0000-4000-8000-000000000002"] = {
+        "take_name": "other",
+        "object_masks": {"lid_0": lid},
+    }
+    path.write_text(json.dumps(data))
+    return root
+
+
+def official_loop(relations: dict) -> tuple[set, set]:
+    """(required, scored): the (direction, take, object, "<src>_<tgt>", frame) that the official
+    `validate_predictions` asks for and that `evaluate_take` scores, read straight off the relations JSON
+    (the processed annotation.json keeps every `annotation` key; `annotated_frames` comes from relations)."""
+    required, scored = set(), set()
+    for take, entry in relations["annotations"].items():
+        for obj, cams in entry["object_masks"].items():
+            egos = [c for c in cams if "aria" in c]
+            if len(egos) < 1:
+                continue
+            (ego,) = egos
+            for exo in [c for c in cams if "aria" not in c]:
+                for direction, src, tgt in (("ego-exo", ego, exo), ("exo-ego", exo, ego)):
+                    for frame in cams[src]["annotation"]:
+                        key = (direction, take, obj, f"{src}_{tgt}", frame)
+                        required.add(key)
+                        if int(frame) in cams[tgt]["annotated_frames"]:
+                            scored.add(key)
+    return required, scored
+
+
+def test_the_submission_holds_exactly_what_the_official_evaluation_iterates(tmp_path: Path) -> None:
+    import lightning as L
+
+    from datamodules.correspondence import CorrespondenceDataModule
+    from tests.lightning_modules.test_ccmp import tiny_ccmp
+
+    root = release_shaped(tmp_path)
+    relations = json.loads((root / "relations_val.json").read_text())
+    required, scored = official_loop(relations)
+    # By hand: cutting board aria01 -> cam01 / cam02 at 0, 30, 60 (6), cam01 -> aria01 at 0, 30, 60 and
+    # cam02 -> aria01 at 0 (4); knife aria01 -> cam01 at 0, 30, 60 (3), cam01 -> aria01 at 0, 30 (2); spatula,
+    # pan and lid none. All scored but aria01 -> cam02 at 60 (cam02's annotated_frames are 0 and 30).
+    assert len(required) == 15 and len(scored) == 14
+
+    out = tmp_path / "shards"
+    report = convert_split(root / "relations_val.json", root / "takes", out)
+    assert not report.skipped and report.samples == 15 and report.scored == 14
+    samples = read_split(out)
+
+    def key(m: dict) -> tuple:
+        return m["setting"], m["take"], m["object"], f"{m['src_cam']}_{m['tgt_cam']}", str(m["src_frame"])
+
+    assert {key(s["json"]) for s in samples} == required
+    assert {key(s["json"]) for s in samples if s["json"]["scored"]} == scored
+
+    data = CorrespondenceDataModule(
+        data_dir=str(out),
+        synth=False,
+        predict_shards=str(out / "val-*.tar"),
+        image_size=32,
+        eval_batch_size=4,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path)
+    )
+    trainer.predict(tiny_ccmp(image_size=32), datamodule=data)
+    submission = json.loads((tmp_path / "predictions" / "submission.json").read_text())
+
+    got = set()
+    for direction, section in submission.items():
+        assert section["version"] == section["challenge"] == "xx"
+        assert set(section["results"]) == set(relations["annotations"])  # every take
+        for take, result in section["results"].items():
+            assert set(result) == {"masks", "subsample_idx"}
+            assert set(result["masks"]) == set(relations["annotations"][take]["object_masks"])  # every object
+            for obj, pairs in result["masks"].items():
+                for pair_name, frames in pairs.items():
+                    for frame, entry in frames.items():
+                        got.add((direction, take, obj, pair_name, frame))
+                        assert set(entry) == {"pred_mask", "confidence"} and isinstance(
+                            entry["confidence"], float
+                        )
+                        tgt = pair_name.split("_")[1]
+                        assert entry["pred_mask"]["size"] == ([480, 480] if "aria" in tgt else [270, 480])
+                        assert isinstance(entry["pred_mask"]["counts"], str)
+    assert got == required
+    objects = submission["ego-exo"]["results"][TAKE]["masks"]
+    assert objects["spatula_0"] == {} and objects["pan_0"] == {}

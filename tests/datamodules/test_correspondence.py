@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from datamodules.convert.egoexo4d import decode_mask, resize_nearest
 from datamodules.correspondence import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorrespondenceDataModule,
     CorrespondenceTransform,
     gt_crop_box,
+    nearest_index,
+    nearest_resize,
+    pad_to_square,
     prediction_to_gt,
+    square_nearest,
 )
 from datamodules.webdataset import BadSample, SkipSample
 from metrics.correspondence import resize_longest
 
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "egoexo4d"
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -183,8 +191,60 @@ def test_prediction_shape_matches_the_official_ground_truth_for_any_size(hw):
 def test_prediction_to_gt_thresholds_resizes_nearest_and_crops():
     prob = torch.tensor([[0.9, 0.1], [0.5, 0.2]])  # 0.5 is not above the threshold
     out = prediction_to_gt(prob, (105, 0, 270, 480))
+    # 2 -> 480: destination d takes source round(d · 2 / 480) = (4d + 480) // 960: d < 120 -> 0, else 1.
+    # Only the 0.9 corner is set: rows 0..119, cols 0..119 of the 480 square; the crop keeps rows 105..119.
     assert out.shape == (270, 480)
-    assert out.sum() == (240 - 105) * 240 and out[:135, :240].all()
+    assert out.sum() == 15 * 120 and out[:15, :120].all()
+
+
+def test_nearest_index_rounds_where_cv2_floors_and_is_exact_at_integer_factors():
+    # 5 -> 3: d · 5/3 = 0, 1.67, 3.33 -> nearest 0, 2, 3 (cv2 INTER_NEAREST floors to 0, 1, 3)
+    assert nearest_index(5, 3).tolist() == [0, 2, 3]
+    # 960 -> 480 (exo padded frame to the evaluation square): 2d, as cv2 and the official ground truth
+    assert torch.equal(nearest_index(960, 480), torch.arange(480) * 2)
+    # 480 -> 512 (x 15/16): d = 8 -> 7.5 rounds up to 8; d = 511 -> 479.06 -> 479
+    assert nearest_index(480, 512)[[0, 8, 15, 16, 511]].tolist() == [0, 8, 14, 15, 479]
+    x = torch.arange(12.0).reshape(1, 3, 4)
+    assert nearest_resize(x, (3, 2)).tolist() == [[[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]]]
+
+
+@pytest.mark.parametrize(("hw", "size"), [((5, 8), 7), ((9, 4), 6), ((54, 96), 64), ((7, 7), 3)])
+def test_square_nearest_is_pad_to_square_then_nearest_resize(hw, size):
+    x = torch.randint(1, 255, (3, *hw), dtype=torch.uint8)
+    assert torch.equal(square_nearest(x, size), nearest_resize(pad_to_square(x), (size, size)))
+
+
+@pytest.fixture(scope="module")
+def fixture_masks() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(frame-size mask, evaluation ground truth) of each mask of the release-shaped fixture, as converted."""
+    relations = json.loads((FIXTURE / "relations_val.json").read_text())["annotations"]
+    out = []
+    for cams in next(iter(relations.values()))["object_masks"].values():
+        for cam, entry in cams.items():
+            for mask in map(decode_mask, entry["annotation"].values()):
+                step = 2 if cam.startswith("aria") else 4  # Aria 1408² -> 704², exo 3840x2160 -> 960x540
+                frame = resize_nearest(mask, mask.shape[0] // step, mask.shape[1] // step) * np.uint8(255)
+                out.append((frame, resize_longest(mask) * np.uint8(255)))
+    return out
+
+
+@pytest.mark.parametrize("size", [256, 448, 480, 512, 518, 1024])
+def test_the_oracle_round_trip_lands_on_the_official_ground_truth_at_every_training_size(fixture_masks, size):
+    # The converter's masks of the release-shaped fixture, the target mask the transform makes at S fed
+    # back as the prediction: what is lost is only what the S grid cannot hold. With floor nearest
+    # resizes (cv2's, torch's "nearest") the round trip drifts 0.6 GT pixels down-right at S = 512 (mean
+    # IoU 0.935) and 0.7 at 518 (0.92); at S = 480 it is an exact subsample.
+    ious, shifts = [], []
+    for frame, gt_png in fixture_masks:
+        sample = pair((8, 8), frame.shape, tgt_mask=frame)  # only the target view matters here
+        sample["tgt_gt.png"] = gt_png
+        out = CorrespondenceTransform(size, train=False)(sample, rng())
+        pred, gt = prediction_to_gt(out["tgt_mask"][0], out["gt_crop"]).numpy(), out["tgt_gt"].numpy()
+        ious.append((pred & gt).sum() / (pred | gt).sum())
+        shifts.append(np.mean(np.nonzero(pred), axis=1) - np.mean(np.nonzero(gt), axis=1))
+    assert len(ious) == 11
+    assert np.mean(ious) >= (0.99 if size == 480 else 0.95), np.mean(ious)
+    assert np.abs(np.mean(shifts, axis=0)).max() < 0.3, np.mean(shifts, axis=0)  # no drift (GT pixels)
 
 
 def test_tgt_gt_png_is_used_when_present():
@@ -203,7 +263,6 @@ def test_tgt_gt_png_is_used_when_present():
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        (lambda s: s.update({"src_mask.png": np.zeros((40, 40), np.uint8)}), "empty source mask"),
         (lambda s: s.update({"src_mask.png": box((40, 30), 0, 0, 9, 9)}), "but its image is 40x40"),
         (lambda s: s.update({"tgt_mask.png": box((30, 40), 0, 0, 9, 9)}), "but its image is 40x40"),
         (lambda s: s["json"].update({"visible": False}), "marked invisible"),
@@ -217,6 +276,46 @@ def test_bad_pairs_are_bad_samples(train, change, reason):
     change(sample)
     with pytest.raises(BadSample, match=reason):
         CorrespondenceTransform(32, train=train)(sample, rng())
+
+
+def test_an_empty_query_trains_as_a_negative_and_is_predicted_in_evaluation():
+    # CCMP's dataloader: FM1.sum() < 1e-6 -> target zeroed, negative; the official evaluation scores the
+    # annotated (empty) query too.
+    sample = pair(src_mask=np.zeros((40, 40), np.uint8))
+    out = CorrespondenceTransform(32, train=True)(sample, rng())
+    assert out["visible"].item() == 0.0 and out["tgt_mask"].sum() == 0 and out["src_mask"].sum() == 0
+    out = CorrespondenceTransform(32, train=False)(sample, rng())
+    assert out["visible"].item() == 1.0 and out["tgt_gt"].any() and out["src_mask"].sum() == 0
+
+
+def test_unscored_pairs_of_unknown_visibility_stay_out_of_training_but_are_predicted():
+    sample = pair(visible=False)
+    sample["json"].update(scored=False, planned=True)
+    with pytest.raises(SkipSample, match="not annotated"):
+        CorrespondenceTransform(32, train=True)(sample, rng())
+    out = CorrespondenceTransform(32, train=False)(sample, rng())
+    assert not out["scored"] and out["planned"]
+    visible = pair()
+    visible["json"].update(scored=False)  # a target mask outside annotated_frames: its visibility is known
+    assert CorrespondenceTransform(32, train=True)(visible, rng())["visible"].item() == 1.0
+    # without the fields (generated shards): scored, and planned when cross-view at one frame
+    plain = CorrespondenceTransform(32, train=False)(pair(), rng())
+    assert plain["scored"] and not plain["planned"]  # src_frame 30, tgt_frame 60
+    sample = pair()
+    sample["json"]["tgt_frame"] = 30
+    assert CorrespondenceTransform(32, train=False)(sample, rng())["planned"]
+
+
+def test_evaluation_images_are_resized_nearest_as_the_official_preprocessing():
+    # CCMP's eval_segswap.reshape_img_war resizes the uint8 frame with cv2.INTER_NEAREST: a one-pixel
+    # checkerboard 64 -> 32 keeps pure values (bilinear would average them to grey).
+    sample = pair((64, 64), (64, 64))
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    sample["src.jpg"] = np.repeat(board[..., None], 3, axis=2)
+    out = pixels(CorrespondenceTransform(32, train=False)(sample, rng())["src"])
+    assert set(torch.unique(out.round(decimals=4)).tolist()) <= {0.0, 1.0}
+    train = pixels(CorrespondenceTransform(32, train=True)(sample, rng())["src"])
+    assert ((train > 0.05) & (train < 0.95)).any()  # training: bilinear (CCMP: cv2.INTER_LINEAR)
 
 
 def test_visible_pair_with_an_empty_target_is_bad_for_training_but_scored_in_evaluation():

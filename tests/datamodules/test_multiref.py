@@ -63,6 +63,17 @@ def test_refs_share_the_joint_budget_and_the_target_has_its_own():
     assert torch.allclose(out["target"], torch.tensor(1.0))
 
 
+def test_unipic2_edge_rule_gives_reference_and_target_the_same_size():
+    # edge, B = 128: the reference 200x100 -> longer edge 128 -> 128 x 64; the target (150x90) takes that size
+    t = transform(budget_mode="edge", target_like_ref=True, max_refs=1)
+    out = t(sample(refs=((200, 100),), instruction="Make image 1 red"), rng())
+    assert tuple(out["refs"][0].shape) == tuple(out["target"].shape) == (3, 64, 128)
+    assert out["ref_pixel_cap"] == 128 * 128  # one image with its longer edge at 128
+    # text-to-image: the target's own longer edge to target_budget: 150x90 -> 128 x 76.8 -> 128 x 64
+    out = t(sample(refs=(), instruction="a red star"), rng())
+    assert tuple(out["target"].shape) == (3, 64, 128)
+
+
 def test_refs_come_in_numeric_order_whatever_the_member_order():
     s = sample(refs=((64, 32), (32, 32), (96, 32)), instruction="x")
     shuffled = {k: s[k] for k in ["json", "ref2.png", "target.png", "ref0.png", "ref1.jpg"]}
@@ -179,6 +190,7 @@ def test_collate_keeps_images_as_lists_and_counts_tokens():
     assert batch["ref_tokens"].tolist() == [48, 0]
     assert batch["target_tokens"].tolist() == [32, 32]
     assert batch["task"] == ["compose", "t2i"] and batch["ref_budget"].tolist() == [128, 128]
+    assert batch["ref_pixel_cap"].tolist() == [128 * 128] * 2  # the joint rule's cap: B²
 
 
 def test_bad_configuration_is_refused():

@@ -6,12 +6,14 @@ import json
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 from transformers import DINOv3ConvNextConfig, DINOv3ConvNextModel
 
 from callbacks.ttt import SupportsTestTimeTraining
+from datamodules.correspondence import gt_crop_box
 from lightning_modules.ccmp import (
     CCMP,
     cycle_loss,
@@ -349,33 +351,45 @@ def test_predict_step_returns_a_mask_and_confidence_per_pair():
         assert 0.0 <= r["confidence"] <= 1.0 and r["setting"] == "ego-exo"
 
 
+def expected_ious(model: CCMP, samples: list[dict]) -> list[float]:
+    """Each pair's IoU against its 270x480 ground truth, computed here from the formulas, not the pipeline.
+
+    sigmoid(logits) > 0.5 at S; nearest to the 480 square (destination d reads source round(d · S / 480));
+    rows 105..374 (the exo content, (480 - 270) // 2 = 105); IoU = |P∩G| / (|P∪G| + 1e-7).
+    """
+    out = []
+    with torch.no_grad():
+        for sample in samples:
+            last, _ = model(sample["src"][None], sample["src_mask"][None], sample["tgt"][None])
+            binary = (torch.sigmoid(last.mask[0, 0]) > 0.5).numpy()
+            index = np.minimum(np.floor(np.arange(480) * S / 480 + 0.5).astype(int), S - 1)
+            pred = binary[index][:, index][105:375]
+            gt = sample["tgt_gt"].numpy()
+            out.append((pred & gt).sum() / ((pred | gt).sum() + 1e-7))
+    return out
+
+
 def test_validation_logs_metrics_per_direction_and_their_mean():
-    correspondence = pytest.importorskip("datamodules.correspondence")
-    pytest.importorskip("metrics.correspondence")
-    samples = []
-    for i, setting in enumerate(["ego-exo", "exo-ego", "exo-exo", "ego-exo"]):
-        sample = pair(i, setting)
-        gt = torch.zeros(270, 480, dtype=torch.bool)
-        gt[100:200, 150:300] = True
-        sample["tgt_gt"] = gt
-        sample["gt_crop"] = torch.tensor(correspondence.gt_crop_box(270, 480))
-        samples.append(sample)
-    loader = DataLoader(samples, batch_size=2)
+    samples = eval_samples(["ego-exo", "exo-ego", "exo-exo", "ego-exo"])
+    model = tiny_ccmp().eval()
+    with torch.no_grad():  # a bias that puts the predicted masks across the ground truth's edge
+        model.mask_head[-1].bias.add_(0.3)
+    ious = expected_ious(model, samples)
+    assert min(ious) > 0.05 and max(ious) < 0.95  # neither empty nor everything: the value is telling
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
-    (results,) = trainer.validate(tiny_ccmp(), loader)
+    (results,) = trainer.validate(model, DataLoader(samples, batch_size=2))
     for direction in ("ego-exo", "exo-ego"):
         for name in ("iou", "ca", "le", "va"):
             assert f"val/{direction}/{name}" in results
     assert "val/exo-exo/iou" not in results  # same-view pairs are not scored
-    mean = (results["val/ego-exo/iou"] + results["val/exo-ego/iou"]) / 2
-    assert results["val/iou"] == pytest.approx(mean)
+    assert results["val/ego-exo/iou"] == pytest.approx((ious[0] + ious[3]) / 2, abs=1e-6)
+    assert results["val/exo-ego/iou"] == pytest.approx(ious[1], abs=1e-6)
+    assert results["val/iou"] == pytest.approx(((ious[0] + ious[3]) / 2 + ious[1]) / 2, abs=1e-6)
 
 
 def eval_samples(settings: list[str]) -> list[dict]:
-    from datamodules.correspondence import gt_crop_box
-
     samples = []
     for i, setting in enumerate(settings):
         sample = pair(i, setting)
@@ -408,12 +422,51 @@ def test_handalx_protocol_logs_instance_miou():
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
-    loader = DataLoader(eval_samples(["exo-exo", "exo-exo", "ego-exo"]), batch_size=3)
-    (results,) = trainer.test(tiny_ccmp(eval_protocol="handalx"), loader)
-    assert results["test/iou"] == pytest.approx(results["test/instances/iou"])
-    switched = tiny_ccmp()  # trained under egoexo4d, tested per instance (the replication's Middlebury check)
-    switched.set_eval_protocol("handalx")
-    (again,) = trainer.test(switched, loader)
-    assert again["test/iou"] == pytest.approx(results["test/iou"])
+    samples = eval_samples(["exo-exo", "exo-exo", "ego-exo"])
+    for sample, obj in zip(samples, ["cup", "cup", "pan"]):
+        sample["object"] = obj
+    loader = DataLoader(samples, batch_size=3)
+    model = tiny_ccmp(eval_protocol="handalx")
+    ious = expected_ious(model, samples)
+    (results,) = trainer.test(model, loader)
+    # instances take0/cup (pairs 0, 1) and take0/pan (pair 2): the mean of the per-instance means
+    assert results["test/instances/iou"] == pytest.approx(((ious[0] + ious[1]) / 2 + ious[2]) / 2, abs=1e-6)
+    assert results["test/iou"] == results["test/instances/iou"]
     with pytest.raises(ValueError, match="eval_protocol"):
         CCMP(**TINY, eval_protocol="davis")
+
+
+def test_switching_a_trained_model_to_the_handalx_protocol_keeps_its_weights():
+    # The replication trains under egoexo4d and tests Middlebury per instance: the switch must only
+    # change the metrics, not rebuild (or re-initialise) the model.
+    model = tiny_ccmp(lr=1e-3)
+    fit(model, 3)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(trained[n], p) for n, p in tiny_ccmp().named_parameters())
+    model.set_eval_protocol("handalx")
+    assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())
+    samples = eval_samples(["exo-exo", "ego-exo"])
+    ious = expected_ious(model.eval(), samples)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (results,) = trainer.test(model, DataLoader(samples, batch_size=2))
+    assert ious[0] != ious[1]
+    assert results["test/iou"] == pytest.approx(
+        sum(ious) / 2, abs=1e-6
+    )  # one instance (take0/cup), two pairs
+
+
+def test_a_direction_without_visible_pairs_leaves_the_mean_iou_to_the_other():
+    # exo-ego holds one invisible pair: its IoU is nan (no visible instance), its VA is a number; the
+    # mean IoU over directions is then the ego-exo IoU, not nan (which would break checkpoint selection).
+    samples = eval_samples(["ego-exo", "exo-ego"])
+    samples[1]["visible"] = torch.tensor(0.0)
+    model = tiny_ccmp().eval()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (results,) = trainer.validate(model, DataLoader(samples, batch_size=1))
+    assert math.isnan(results["val/exo-ego/iou"]) and math.isfinite(results["val/exo-ego/va"])
+    assert results["val/iou"] == pytest.approx(results["val/ego-exo/iou"])
+    assert results["val/iou"] == pytest.approx(expected_ious(model, samples[:1])[0], abs=1e-6)

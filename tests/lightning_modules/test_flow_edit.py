@@ -271,13 +271,50 @@ def test_resolution_shift_uses_target_tokens():
     assert torch.allclose(model.shift_for([64], "resolution"), resolution_shift(torch.tensor([64.0])))
 
 
+def test_the_cosine_total_is_read_after_warm_up_not_when_the_optimizer_is_built():
+    """Reading estimated_stepping_batches builds the train loader; under FSDP that comes before a resume's restore."""
+
+    class Trainer:
+        reads = 0
+
+        @property
+        def estimated_stepping_batches(self):
+            Trainer.reads += 1
+            return 10
+
+    model = tiny(lr=1.0, warmup_steps=2, lr_schedule="cosine")
+    model._trainer = Trainer()
+    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert Trainer.reads == 0 and scheduler.get_last_lr() == [0.5]  # warm-up: (0 + 1) / 2
+    lrs = []
+    for _ in range(3):
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    # step 1: 2/2 = 1; step 2: cosine at progress 0 = 1; step 3: 0.5 (1 + cos(pi / 8)), total 10, warm-up 2
+    assert lrs == pytest.approx([1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 8))])
+    assert Trainer.reads == 1
+
+
 def test_self_fixed_length_pads_to_max_ref_tokens_plus_target():
     model = tiny(max_ref_tokens=128)
     model.trainer = L.Trainer(**QUIET)
     model.log = lambda *args, **kwargs: None
-    batch = make_batch(1, seed=3)  # sample 0: no refs, a 32x32 target = 16x16 latent = 64 tokens
-    model.training_step(batch, 0)
-    assert model.backbone.last_padding_fraction == pytest.approx(1 - 64 / (128 + 64))
+    # 4 px per token: sample 0 has no refs and a 32x32 target (8x8 = 64 tokens); sample 1 one 32x32 ref (64)
+    # and a 32x48 target (8x12 = 96): both padded to 128 + 96 = 224 slots, 64 + 160 of 448 real
+    model.training_step(make_batch(2, seed=3), 0)
+    assert model.backbone.last_padding_fraction == pytest.approx(1 - (64 + 160) / (2 * 224))
+    model.training_step(make_batch(1, seed=3), 0)  # a batch of one is not padded
+    assert model.backbone.last_padding_fraction == 0.0
+
+
+def test_the_reference_length_follows_the_data_rule_and_refuses_a_smaller_fixed_one():
+    model = tiny(max_ref_tokens="budget")
+    cap = {"ref_budget": torch.tensor([64, 64]), "ref_pixel_cap": torch.tensor([64 * 64, 64 * 64])}
+    assert model.max_tokens([64, 96], cap) == (64 // 4) ** 2 + 96
+    independent = {**cap, "ref_pixel_cap": torch.tensor([6 * 64 * 64] * 2)}  # e.g. 6 refs of 64² each
+    assert model.max_tokens([64, 96], independent) == 6 * 256 + 96
+    with pytest.raises(ValueError, match=r"max_ref_tokens=128 is below the 256 reference tokens"):
+        tiny(max_ref_tokens=128).max_tokens([64, 96], cap)
 
 
 def test_lora_trains_only_the_adapters():
@@ -332,12 +369,18 @@ def test_sample_two_steps_returns_requested_sizes_with_both_cfg_kinds():
     # default size: the first reference's (sample 1 has one 32x32 ref), else sampler.size
     model.sampler["size"] = [16, 24]
     assert [tuple(x.shape) for x in run()] == [(3, 16, 24), (3, 32, 32)]
+    # the same guidance 4 in both modes, so only the mode differs: true CFG without the norm rescale is
+    # plain CFG (v_neg + g (v_pos - v_neg)); with it, each token is rescaled to ||v_pos|| and the samples move
+    model.sampler["cfg_norm_rescale"] = False
+    plain_cfg = run(size=(32, 32), guidance=4.0, true_cfg=False)
+    true_no_rescale = run(size=(32, 32), guidance=4.0, true_cfg=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain_cfg, true_no_rescale))
     model.sampler["cfg_norm_rescale"] = True
-    true = run(size=(32, 32), true_cfg=True)
+    true = run(size=(32, 32), guidance=4.0, true_cfg=True)
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(true, plain_cfg))  # (measured: 2e-3, 8e-4)
     unguided = run(size=(32, 32), guidance=1.0)
-    guided = run(size=(32, 32), guidance=4.0)
-    assert not torch.allclose(true[0], guided[0]) and not torch.allclose(unguided[0], guided[0])
-    assert all(torch.isfinite(x).all() for x in [*true, *unguided, *guided])
+    assert not torch.allclose(unguided[0], plain_cfg[0])
+    assert all(torch.isfinite(x).all() for x in [*true, *unguided, *plain_cfg])
 
 
 def test_sample_calls_step_fn_once_per_sample_and_step():

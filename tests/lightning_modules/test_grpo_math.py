@@ -1,4 +1,4 @@
-"""Flow-GRPO math: every function against values worked by hand from the notes' formulas (rl_grpo_dmd.md §1-3)."""
+"""Flow-GRPO math: every function against values worked by hand from the notes' formulas (docs/methods/flow_grpo.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from lightning_modules.components.grpo import (
     trained_step_indices,
     zero_advantage_groups,
 )
+from rewards.base import CombinedReward
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 EPS = 1e-4
@@ -255,6 +256,50 @@ def test_msgrpo_reward_by_hand():
     assert got.tolist() == pytest.approx([0.5 * m, -1.5 * m, 2.5 * m, -1.5 * m], rel=1e-5)
 
 
+def test_msgrpo_instruction_weight_weighs_against_consistency_by_hand():
+    # Groups [0, 0, 1, 1]. Instruction [1, 3, 2, 2]: group 0 mean 2, std 1 -> z = [-1, 1] / (1 + eps);
+    # group 1 std 0 -> z = 0. One reference [0, 0, 1, 5]: group 0 -> 0; group 1 mean 3, std 2 ->
+    # z = [-2, 2] / (2 + eps). With w_instruction = 0.25, w_consistency = 1:
+    # s = [-0.25 a, 0.25 a, -b, b] with a = 1 / (1 + eps), b = 2 / (2 + eps); mean 0; population
+    # std sqrt((0.0625 a² + b²) / 2); the advantage (std scope "none", group means 0) is s / (std + eps).
+    instr = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    refs = torch.tensor([[0.0], [0.0], [1.0], [5.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    a, b = 1 / (1 + EPS), 2 / (2 + EPS)
+    s = [-0.25 * a, 0.25 * a, -b, b]
+    std = math.sqrt((0.0625 * a**2 + b**2) / 2)
+    expected = [v / (std + EPS) for v in s]
+    got = msgrpo_reward({"judge": instr}, refs, groups, {"judge": 0.25, "consistency": 1.0})
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    advantages = group_advantages(got, groups, "none", clip=None)
+    assert advantages.tolist() == pytest.approx(expected, rel=1e-5)
+    # a weight that weighs: w = 0.1, 0.8, 5.0 give three different advantage vectors
+    outs = [msgrpo_reward({"judge": instr}, refs, groups, {"judge": w}) for w in (0.1, 0.8, 5.0)]
+    assert not torch.allclose(outs[0], outs[1], atol=1e-3) and not torch.allclose(outs[1], outs[2], atol=1e-3)
+
+
+def test_combined_reward_msgrpo_weights_each_instruction_score_once():
+    # rewards/base.py used to z-score the weighted instruction sum and msgrpo_reward z-scored it again,
+    # so the instruction weight cancelled. Through CombinedReward.aggregate the weight must weigh.
+    instr = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    scores = {"judge/score": instr, "consistency/ref0": torch.tensor([0.0, 0.0, 1.0, 5.0])}
+    groups = torch.tensor([0, 0, 1, 1])
+    reward = lambda w: CombinedReward(  # noqa: E731
+        {"judge": lambda *a: {}, "consistency": lambda *a: {}},
+        {"judge": w, "consistency": 1.0},
+        rule="msgrpo",
+    )
+    got = reward(0.25).aggregate(scores, groups)
+    refs = torch.tensor([[0.0], [0.0], [1.0], [5.0]])
+    assert torch.allclose(got, msgrpo_reward({"judge": instr}, refs, groups, {"judge": 0.25}), atol=1e-6)
+    a, b = 1 / (1 + EPS), 2 / (2 + EPS)
+    std = math.sqrt((0.0625 * a**2 + b**2) / 2)
+    assert got[1].item() == pytest.approx(0.25 * a / (std + EPS), rel=1e-5)
+    assert not torch.allclose(
+        reward(0.1).aggregate(scores, groups), reward(5.0).aggregate(scores, groups), atol=1e-3
+    )
+
+
 def test_msgrpo_weights_and_no_references():
     # only the instruction (consistency weight 0); t2i samples (no refs) get 0 from both reference terms
     instr = torch.tensor([1.0, 0.0])
@@ -265,6 +310,8 @@ def test_msgrpo_weights_and_no_references():
     assert got.tolist() == pytest.approx([k, -k], rel=1e-5)
     with pytest.raises(KeyError, match="not among"):
         msgrpo_reward(instr, refs, torch.tensor([0, 0]), {"refs": 1.0})
+    with pytest.raises(ValueError, match="reserved"):
+        msgrpo_reward({"min": instr}, refs, torch.tensor([0, 0]))
 
 
 # --------------------------------------------------------------------------- the loss

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from lightning_modules.components.packed_dit import TextConditioning
 from lightning_modules.components.text import build_text_encoder
 from lightning_modules.components.tokenizers import (
+    IMAGE_PAD,
     PICTURE_TEMPLATE,
     QWEN_EDIT_TEMPLATE,
     build_tokenizer,
@@ -255,3 +256,37 @@ def test_text_encoder_spec_needs_exactly_one_source():
         build_text_encoder("flux")
     with pytest.raises(ValueError, match="choose sd3, flux or qwen"):
         build_text_encoder("t5", config={})
+
+
+def test_qwen_keeps_the_instruction_behind_six_references_at_a_2048_budget():
+    """6 references under one 2048² budget give ~4000 picture tokens before the instruction; none is cut."""
+    from datamodules.budget import fit_to_budget
+
+    enc = build_text_encoder("qwen", config=QWEN_VL)
+    g = torch.Generator().manual_seed(0)
+    sizes = fit_to_budget([(1200, 900), (800, 800), (1024, 768), (600, 900), (1000, 1000), (700, 1100)], 2048)
+    refs = [torch.rand(3, h, w, generator=g) * 2 - 1 for w, h in sizes]
+    instructions = [
+        "Put the cat from image 1 on the chair of image 6.",
+        "Put the dog from image 2 in image 3.",
+    ]
+    with torch.no_grad():
+        cond = enc(instructions, [refs, refs])
+    lengths = cond.mask.sum(1).tolist()
+    assert min(lengths) > enc.max_sequence_length + 2000  # the pictures alone are past the 1024 limit
+    # the instruction's own tokens are all there: the two lengths differ by the instructions' token counts
+    text = [len(enc.tokenizer(p).input_ids) for p in instructions]
+    assert lengths[0] - lengths[1] == text[0] - text[1]
+    n = min(lengths)
+    assert not torch.allclose(
+        cond.hidden[0, n - 8 : n], cond.hidden[1, n - 8 : n]
+    )  # the conditionings differ
+
+
+def test_qwen_limit_bounds_the_text_tokens_only():
+    enc = build_text_encoder("qwen", config=QWEN_VL, vision=False, max_sequence_length=12)
+    pad = enc.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    ids = torch.tensor([100, pad, pad, 101, 102, pad] + [103] * 20)
+    kept = enc._kept(ids, pad)
+    assert kept[:6].all() and int(kept.sum()) == 3 + 12  # every picture token and the first 12 others
+    assert not kept[-1]

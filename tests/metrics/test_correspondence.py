@@ -17,6 +17,7 @@ from metrics.correspondence import (
     contour_accuracy,
     decode_rle,
     encode_rle,
+    existence_accuracy,
     iou,
     location_error,
     resize_longest,
@@ -132,11 +133,21 @@ def test_bbox_center_is_not_the_centre_of_mass():
     assert bbox_center(box((270, 480), rows=(0, 0), cols=(0, 9))) == (0, 4)
 
 
-def test_location_error_of_empty_prediction_uses_the_array_centre():
+def test_location_error_of_an_empty_prediction_uses_the_official_transposed_centre():
+    # The official crop_mask pads a 270x480 mask by 270 on every side (810 x 1020) and takes an empty mask's
+    # centre as (H//2, W//2) = (405, 510) of the padded array, read as (x, y). A GT point at row 210, col 175
+    # is (x, y) = (175 + 270, 210 + 270) = (445, 480) padded: distance sqrt(40² + 30²) = 50. Unpadded the
+    # empty centre is x = 135, y = 240, i.e. row 240, col 135; the untransposed (row 135, col 240) would
+    # give sqrt(75² + 65²) = 99.2.
     empty = np.zeros((270, 480), dtype=bool)
-    gt = box((270, 480), rows=(165, 165), cols=(280, 280))  # centre (135, 240) + (30, 40)
-    assert bbox_center(empty) == (135, 240)
+    gt = box((270, 480), rows=(210, 210), cols=(175, 175))
+    assert bbox_center(empty) == (240, 135)
     assert location_error(empty, gt) == pytest.approx(50 / NORMALIZER)
+    assert location_error(gt, empty) == pytest.approx(50 / NORMALIZER)
+    # On a square (ego) target the transposition changes nothing: 480x480 -> (240, 240)
+    assert bbox_center(np.zeros((480, 480), dtype=bool)) == (240, 240)
+    # An odd height: 5x8 padded 15x18 -> (7, 9) -> x = 7 - 5 = 2, y = 9 - 5 = 4 -> (row 4, col 2)
+    assert bbox_center(np.zeros((5, 8), dtype=bool)) == (4, 2)
 
 
 # --- VA ----------------------------------------------------------------------------------------------
@@ -203,6 +214,38 @@ def test_correspondence_metrics_micro_average_visible_and_count_invisible_only_f
     assert result["le"].item() == pytest.approx((0 + 10 + 7 * math.sqrt(2)) / NORMALIZER / 3)
     assert result["va"].item() == pytest.approx((2 / 3 + 1 / 2) / 2)  # TP 2, FN 1; TN 1, FP 1
     assert result["existence_acc"].item() == pytest.approx(2 / 3)
+    assert all(value.dtype == torch.float64 for value in result.values())
+
+
+def test_existence_accuracy_is_both_empty_or_both_not_over_visible_instances():
+    # The official utils.existence_accuracy: (gt all zero) == (pred all zero), for every visible instance,
+    # whose annotated GT mask may be empty. E1: empty GT, empty pred -> 1; E2: empty GT, a pred -> 0;
+    # E3: GT and pred non-empty (disjoint) -> 1; E4: GT, empty pred -> 0. Mean 2/4. (The share of
+    # non-empty predictions would be 2/4 too, but with E1 and E2 swapped: so test them one by one.)
+    shape = (8, 8)
+    empty, a, b = np.zeros(shape, bool), box(shape, (0, 1), (0, 1)), box(shape, (5, 6), (5, 6))
+    for pred, gt, want in [(empty, empty, 1.0), (a, empty, 0.0), (b, a, 1.0), (empty, a, 0.0)]:
+        metric = CorrespondenceMetrics()
+        metric.update(
+            [torch.from_numpy(pred)], [torch.from_numpy(gt)], torch.tensor([0.9]), torch.tensor([True])
+        )
+        assert metric.compute()["existence_acc"].item() == want
+        assert existence_accuracy(pred, gt) == bool(want)
+
+
+def test_metrics_are_computed_in_float64_as_the_official_numpy_code():
+    # IoUs 16 / (16 + 1e-7) and 1 / (10000 + 1e-7), averaged in float64 (numpy's np.mean of Python
+    # floats); a float32 result differs from it in the 8th digit.
+    metric = CorrespondenceMetrics()
+    full = torch.from_numpy(box((4, 4), (0, 3), (0, 3)))
+    one_pixel, column = box((10000, 1), (0, 0), (0, 0)), box((10000, 1), (0, 9999), (0, 0))
+    metric.update([full], [full], torch.tensor([0.9]), torch.tensor([True]))
+    metric.update(
+        [torch.from_numpy(one_pixel)], [torch.from_numpy(column)], torch.tensor([0.9]), torch.tensor([True])
+    )
+    expected = (16 / (16 + 1e-7) + 1 / (10000 + 1e-7)) / 2
+    assert float(np.float32(expected)) != expected
+    assert metric.compute()["iou"].item() == expected
 
 
 def test_correspondence_metrics_confidence_of_exactly_half_predicts_absent():
@@ -275,3 +318,37 @@ def test_submission_json_layout(tmp_path):
     exo_ego = writer.to_dict()["exo-ego"]["results"]["take1"]
     assert list(exo_ego["masks"]["knife_0"]) == ["cam01_aria01"]
     assert exo_ego["subsample_idx"] == [60]
+
+
+def test_a_plan_shapes_the_submission_fills_gaps_and_leaves_out_unplanned_pairs():
+    plan = {
+        "split": "val",
+        "takes": {
+            "take1": {
+                "take_name": "t",
+                "subsample_idx": [0, 30],
+                "objects": {
+                    "knife_0": {"ego-exo": {"aria01_cam01": {"frames": [0, 30], "shape": [270, 480]}}},
+                    "spatula_0": {},  # no ego camera: no pairs, but the official check counts the object
+                },
+            },
+            "take2": {"take_name": "u", "subsample_idx": [], "objects": {"lid_0": {}}},
+        },
+    }
+    mask = box((270, 480), rows=(10, 20), cols=(30, 40))
+    writer = SubmissionWriter(plan)
+    writer.add("ego-exo", "take1", "knife_0", "aria01", "cam01", 30, mask, 0.75)
+    writer.add("ego-exo", "take1", "knife_0", "aria01", "cam02", 30, mask, 0.75)  # not in the plan
+    submission = writer.to_dict()
+    results = submission["ego-exo"]["results"]
+    assert set(results) == {"take1", "take2"} and results["take2"] == {
+        "masks": {"lid_0": {}},
+        "subsample_idx": [],
+    }
+    assert set(results["take1"]["masks"]) == {"knife_0", "spatula_0"}
+    frames = results["take1"]["masks"]["knife_0"]["aria01_cam01"]
+    np.testing.assert_array_equal(decode_rle(frames["30"]["pred_mask"]), mask)
+    assert frames["0"]["confidence"] == 0.0 and frames["0"]["pred_mask"]["size"] == [270, 480]
+    assert not decode_rle(frames["0"]["pred_mask"]).any()
+    assert writer.filled == 1 and writer.unplanned == 1
+    assert submission["exo-ego"]["results"]["take1"]["masks"] == {"knife_0": {}, "spatula_0": {}}

@@ -334,14 +334,18 @@ def test_combined_reward_rules():
         "normalize_then_sum",
     )
     assert torch.allclose(gdpo.aggregate(scores, groups), expected)
-    # msgrpo: instruction z(a) = [c, -c, 0, 0] -> z again: [c2, -c2, 0, 0], c2 = c / (c + eps);
-    # consistency: group 0 mean of [c, -c] and [-c, c] = 0, group 1 [c, -c]: s = [c2, -c2, c, -c]
+    # msgrpo: instruction z(a) = [c, -c, 0, 0] (z-scored once, weight 1); consistency: group 0 mean of
+    # [c, -c] and [-c, c] = 0, group 1 [c, -c]: s = [c, -c, c, -c], batch std c
     msgrpo = CombinedReward(rewards, {"a": 1.0, "consistency": 1.0}, "msgrpo")
     c = 0.5 / (0.5 + EPS)
-    c2 = c / (c + EPS)
-    std = math.sqrt((c2**2 + c**2) / 2)
-    expected = [c2 / (std + EPS), -c2 / (std + EPS), c / (std + EPS), -c / (std + EPS)]
-    assert msgrpo.aggregate(scores, groups).tolist() == pytest.approx(expected, rel=1e-5)
+    k = c / (c + EPS)
+    assert msgrpo.aggregate(scores, groups).tolist() == pytest.approx([k, -k, k, -k], rel=1e-5)
+    # with the instruction weighted 3: s = [3c, -3c, c, -c], std c sqrt(5)
+    heavy = CombinedReward(rewards, {"a": 3.0, "consistency": 1.0}, "msgrpo").aggregate(scores, groups)
+    std = c * math.sqrt(5)
+    assert heavy.tolist() == pytest.approx(
+        [3 * c / (std + EPS), -3 * c / (std + EPS), c / (std + EPS), -c / (std + EPS)], rel=1e-5
+    )
 
 
 def test_combined_reward_rejects_bad_config():

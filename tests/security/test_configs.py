@@ -253,6 +253,15 @@ def test_a_misspelt_backbone_config_key_is_refused_naming_the_nearest():
     check_backbone(T5EncoderModel, {"config": {"hidden_size": 32, "num_heads": 2}})
 
 
+def test_a_misspelt_text_encoder_config_key_is_refused_naming_it():
+    from lightning_modules.components.text import build_text_encoder
+
+    with pytest.raises(ValueError, match=r"'hiden_size' in config\.text_config"):
+        build_text_encoder("qwen", config={"text_config": {"hiden_size": 32}})
+    with pytest.raises(ValueError, match=r"'d_modle'.*'d_model'"):
+        build_text_encoder("sd3", config={"clip": [], "t5": {"d_modle": 8}})
+
+
 def test_a_misspelt_diffusers_config_key_is_refused_before_building():
     from diffusers import AutoencoderKL
 
