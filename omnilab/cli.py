@@ -27,19 +27,21 @@ from typing import Any
 
 import lightning as L
 import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
     ProgressBar,
-    RichProgressBar,
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint, check_writable
+from callbacks.final_validation import FinalValidation
 from callbacks.health import RunHealth
+from callbacks.progress import RunProgressBar
 from omnilab.allowlist import RefusedImport, check_config, check_import_path, guard_imports, safe_resolvers
 from omnilab.configs import merging_dicts
 from omnilab.runs import (
@@ -113,6 +115,10 @@ def expand_defaults(argv: list[str]) -> list[str]:
     return out
 
 
+class SuiteHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's lines (the suite's commands) kept as written."""
+
+
 class OmnilabCLI(LightningCLI):
     """LightningCLI with the suite's defaults: tracking, checkpoint layout, health checks, test after fit."""
 
@@ -128,7 +134,12 @@ class OmnilabCLI(LightningCLI):
             save_config_callback=TrackConfig,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "prog": "omnilab",
+                "description": suite_help(),
+                "formatter_class": SuiteHelpFormatter,
+            },
             args=args,
             run=run,
         )
@@ -319,11 +330,13 @@ class OmnilabCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
-            extra.append(RichProgressBar(leave=True))
+            extra.append(RunProgressBar(leave=True))
         if config.get("logger") not in (None, False) and not any(
             isinstance(c, LearningRateMonitor) for c in configured
         ):
             extra.append(LearningRateMonitor(logging_interval="step"))
+        if not config.get("fast_dev_run"):
+            extra.append(FinalValidation())  # a run stopped by max_steps still validates at its end
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -426,6 +439,7 @@ def mlflow_run_url(logger: MLFlowLogger) -> str:
 
 
 def _data(argv: list[str]) -> None:
+    """`omnilab data synth|convert|curate|list`: write WebDataset shards (generated, converted, curated)."""
     from datamodules.convert import CONVERTERS, converter
     from datamodules.curate import STEPS, step
     from datamodules.synth import GENERATORS, synthesize
@@ -437,9 +451,12 @@ def _data(argv: list[str]) -> None:
     synth.add_argument("--out", help="output folder (default data/<kind>)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--samples", nargs="*", default=[], metavar="SPLIT=N", help="e.g. train=1024 val=64")
-    convert = sub.add_parser("convert", help="convert a real dataset to shards")
+    # convert and curate leave -h to the converter's / step's own parser (its arguments)
+    convert = sub.add_parser("convert", help="convert a real dataset to shards", add_help=False)
     convert.add_argument("dataset", choices=sorted(CONVERTERS))
-    curate = sub.add_parser("curate", help="a curation step (collect, filter, compose, dere) over shards")
+    curate = sub.add_parser(
+        "curate", help="a curation step (collect, filter, compose, dere) over shards", add_help=False
+    )
     curate.add_argument("step", choices=sorted(STEPS))
     sub.add_parser("list", help="list the synth kinds and converters")
     args, rest = parser.parse_known_args(argv)
@@ -471,6 +488,7 @@ def _data(argv: list[str]) -> None:
 
 
 def _compare(argv: list[str]) -> None:
+    """`omnilab compare --experiment METHOD`: a table and a plot of a method's MLflow runs."""
     parser = argparse.ArgumentParser(
         prog="omnilab compare", description="Compare the MLflow runs of a method."
     )
@@ -484,6 +502,7 @@ def _compare(argv: list[str]) -> None:
 
 
 def _bench(argv: list[str]) -> None:
+    """`omnilab bench [name ...]`: run benchmark scripts from benchmarks/ (RESULTS.md sections)."""
     parser = argparse.ArgumentParser(
         prog="omnilab bench", description="Run benchmark scripts from benchmarks/."
     )
@@ -507,6 +526,7 @@ def _bench(argv: list[str]) -> None:
 
 
 def _slurm(argv: list[str]) -> None:
+    """`omnilab slurm --nodes N --gpus G -- fit --config ...`: write (and submit) an sbatch script."""
     from omnilab.slurm import global_batch, sbatch_script, submit
 
     parser = argparse.ArgumentParser(prog="omnilab slurm", description="Write and submit an sbatch script.")
@@ -535,12 +555,25 @@ def _slurm(argv: list[str]) -> None:
 
 
 def _serve(argv: list[str]) -> None:
+    """`omnilab serve reward --config ...`: serve a reward over HTTP."""
     from rewards.serving import main as serve_main
 
     serve_main(argv)
 
 
 COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm, "serve": _serve}
+
+
+def suite_help() -> str:
+    """`omnilab --help`'s description: the Lightning commands below, then every other command of the suite."""
+    lines = [f"  {name:8s} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
+    return "\n".join(
+        [
+            "omnilab: Lightning's fit/validate/test/predict (below; -c is --config and expands `defaults:`),",
+            "and the suite's own commands (each with --help):",
+            *lines,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
