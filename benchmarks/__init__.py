@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "reward_rl_replication": "GRPO on the tiny editing policy with BT, JRM and SpatialReward rewards: held-out redness",
     "reward_throughput": "Reward models: head vs generative verdict pairs/s, MC-BT vs BT step, served vs in-process",
     "pure_sampling": "PURE: entropy top-k vs fixed top-k cost per token, KV cache vs none, tokens/s vs weights roofline",
+    "distill_speed": "UniPic 3.0: 8-step student vs 50-step true-CFG teacher sampling (NFE, wall-clock); DMD critic vs student step",
     "pure_replication": "PURE mini-replication: entropy vs fixed top-k vs greedy; perceive-understand-restore vs restore-only",
 }
 NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing

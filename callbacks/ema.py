@@ -15,6 +15,8 @@ when the run resumes or evaluates it (same world size and wrapping; otherwise a 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,23 @@ class EMA(Callback):
         else:
             torch._foreach_lerp_(ema, params, 1.0 - self.decay)
             self.num_updates += 1
+
+    @contextlib.contextmanager
+    def applied(self, pl_module: LightningModule) -> Iterator[None]:
+        """The EMA weights in the module for the block's duration, the trained ones restored after (a target net).
+
+        Used inside a training step (UniPic 3.0's trajectory mapping takes its targets from the EMA student): run
+        only no-grad forwards in the block, before the step's own forward, so autograd never sees the swap.
+        """
+        with torch.inference_mode(False), torch.no_grad():
+            ema, params = self._ema_and_params(pl_module)
+            backup = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, ema)
+        try:
+            yield
+        finally:
+            with torch.inference_mode(False), torch.no_grad():
+                torch._foreach_copy_(params, backup)
 
     def _swap_in(self, pl_module: LightningModule) -> None:
         """Put the EMA weights into the module, keeping the trained ones aside."""

@@ -26,7 +26,7 @@ the grid (x1 < x2, y1 < y2); every verdict valid under the strict parser. Images
 [-1, 1], the longer side at most `max_side` (antialiased) when set.
 
 Training examples are the item's pairs (i, j) with i ranked above j (and, with `keep_ties`, tied pairs
-flagged `tie`), at most `max_pairs_per_item` of them drawn with the sample's generator; the training
+flagged `tie`; without it an item whose candidates all tie is left out, not counted as bad), at most `max_pairs_per_item` of them drawn with the sample's generator; the training
 collate flattens the pairs of a batch of items (`collate_pairs`). Evaluation examples are whole items
 (`collate_items`).
 """
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.multiref import image_tensor
-from datamodules.webdataset import IMAGE_EXTS, BadSample, WebDataModule
+from datamodules.webdataset import IMAGE_EXTS, BadSample, SkipSample, WebDataModule
 
 MAX_SOURCES, MAX_CANDIDATES = 6, 8
 SOURCE_MEMBER = re.compile(r"src(\d+)\.([a-z]+)")
@@ -209,8 +209,8 @@ class PreferenceTransform:
         if not self.train:
             return item
         pairs = item_pairs(item["tiers"], self.keep_ties)
-        if not pairs:
-            raise BadSample("the item has no usable pair (all candidates tied and ties are not kept)")
+        if not pairs:  # left out by the setting, not broken: not counted against max_skip_fraction
+            raise SkipSample("the item has no usable pair (all candidates tied and ties are not kept)")
         if self.max_pairs is not None and len(pairs) > self.max_pairs:
             pairs = [pairs[int(i)] for i in sorted(rng.choice(len(pairs), self.max_pairs, replace=False))]
         out = []

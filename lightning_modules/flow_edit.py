@@ -658,6 +658,10 @@ class FlowEdit(L.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------------------
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one group of every trainable parameter (a distillation adds its critic)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> Any:
         """AdamW over the trainable parameters; linear warm-up, then constant or cosine, stepped per step.
 
@@ -665,8 +669,9 @@ class FlowEdit(L.LightningModule):
         warm-up, not here: reading it builds the train loader, and under FSDP Lightning calls this hook before
         it restores a checkpoint, so the data stream would restart its epoch (Lightning issue 20550).
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.param_groups(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )
         total: list[int | None] = []
 
         def factor(step: int) -> float:

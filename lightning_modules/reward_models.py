@@ -370,6 +370,26 @@ class RewardHead(nn.Module):
             return self.net.float()(x.float())
 
 
+def check_master_weights(module: nn.Module) -> None:
+    """ValueError naming trainable parameters held in bf16/fp16: the optimizer would update them in place.
+
+    AdamW's step is about the learning rate; a bf16 weight w moves only by at least ~|w| / 256, so EditReward's
+    2e-6 on weights ~1e-2 rounds to no change. Trainable weights are kept in fp32 (the master weights DeepSpeed's
+    bf16 mode keeps for EditReward; LLaMA-Factory's fp32 LoRA adapters) and bf16-mixed computes in bf16.
+    """
+    half = [
+        (name, p.dtype)
+        for name, p in module.named_parameters()
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+    ]
+    if half:
+        raise ValueError(
+            f"{len(half)} trainable parameters are stored in {half[0][1]} (first: {half[0][0]}): optimizer steps "
+            "below their resolution would be lost. Load the backbone in fp32 (`backbone: {load: {dtype: float32}}`); "
+            "`precision: bf16-mixed` computes in bf16."
+        )
+
+
 class _VLMModule(L.LightningModule):
     """What the three reward models share: the VLM, LoRA, freezing, the optimizer, item evaluation."""
 
@@ -424,6 +444,8 @@ class _VLMModule(L.LightningModule):
             inject_adapter_in_model(LoraConfig(**self.lora), model)
             for name, p in model.named_parameters():
                 p.requires_grad_("lora_" in name)
+                if "lora_" in name:  # fp32 adapters over a bf16 base, as LLaMA-Factory trains them
+                    p.data = p.data.float()
         if self.freeze_vision:
             model.model.visual.requires_grad_(False)
         if self.gradient_checkpointing:
@@ -436,6 +458,7 @@ class _VLMModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW over the trainable parameters; linear warm-up, then constant or cosine, stepped per step."""
         groups = [g for g in self.param_groups() if g["params"]]
+        check_master_weights(self)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
         total = int(total) if total is not None and math.isfinite(total) else None

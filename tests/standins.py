@@ -8,7 +8,13 @@ the config's own `from_pretrained` path runs unchanged.
 
 `RELEASES` is the one table that knows the releases: their layout, the dtype of each part's files, and their
 licence gate (README's table of paper configs says the same). A hub id it does not know fails with a message
-that says what to add.
+that says what to add. Weights a user writes locally with a named conversion (a paper config's `pretrained:
+checkpoints/...`, e.g. LlamaGen's VQ through `convert_llamagen_checkpoint`) are entries too, keyed by the path the
+config names: the stand-in is written through the same conversion, so the folder is the one the user would have.
+
+Where the tiny experiment's model belongs to another family than the release (editreward/tiny runs a tiny
+Qwen3-VL, editreward/baseline loads Qwen2.5-VL), the stand-in is built in the release's family from
+`TINY_VLM[family]` here, keeping the tiny spec's tokenizer, image processor and extra tokens.
 """
 
 from __future__ import annotations
@@ -28,19 +34,34 @@ bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 class Release:
     """How a hub release is laid out and stored.
 
-    layout: "qwen_image_edit" (a diffusers QwenImageEditPlusPipeline folder: transformer/, vae/, text_encoder/,
+    layout: "vlm" (a transformers VLM folder: config, safetensors, tokenizer and image processor files),
+        "qwen_image_edit" (a diffusers QwenImageEditPlusPipeline folder: transformer/, vae/, text_encoder/,
         tokenizer/, processor/, scheduler/), "sd3" (a StableDiffusion3Pipeline folder: transformer/, vae/,
         text_encoder/ + _2 (CLIP-L, CLIP-G with projection), text_encoder_3 (T5), tokenizer/ + _2 + _3,
-        scheduler/) or "transformers" (one model folder: config.json + model.safetensors).
+        scheduler/), "transformers" (one model folder: config.json + model.safetensors), "vlm" (one
+        Qwen-VL folder: config.json + model.safetensors, tokenizer files, preprocessor_config.json, as
+        `components.vlm.VisionLanguageModel.save_pretrained` writes it), "lumina_chameleon" (a Lumina-mGPT
+        folder: a Chameleon config.json + safetensors without the VQGAN, and its Chameleon-style tokenizer) or
+        "llamagen_vq" (the folder `components.vq.convert_llamagen_checkpoint` writes from LlamaGen's `.pt`).
     dtypes: The dtype of each part's weight files (by subfolder; "model" for a one-model folder).
-    gate: The licence and whether the hub asks to accept it before download.
+    gate: The licence and whether the hub asks to accept it before download (for a converted local folder:
+        the licence of what it was converted from).
     model_class: For "transformers": the class (module path) the folder holds.
+    family: For "vlm": the release's `build_vlm` family ("qwen2_5_vl", "qwen3_vl").
+    tokenizer: For "lumina_chameleon": the offline tokenizer spec standing in for the release's tokenizer.
     """
 
     layout: str
     dtypes: dict[str, torch.dtype]
     gate: str
     model_class: str | None = None
+    family: str | None = None
+    tokenizer: dict[str, Any] | None = None
+
+    @property
+    def one_folder(self) -> bool:
+        """Whether the release is one model folder (its part is "model"), not a pipeline of subfolders."""
+        return self.layout in ONE_FOLDER
 
 
 QWEN_EDIT = Release(
@@ -48,10 +69,25 @@ QWEN_EDIT = Release(
     {"transformer": bf16, "vae": bf16, "text_encoder": bf16},  # Qwen-Image ships every part in bf16
     "Apache-2.0, not gated",
 )
+ONE_FOLDER = frozenset({"transformers", "vlm", "lumina_chameleon", "llamagen_vq"})
+QWEN_VL = "Apache-2.0, not gated"
+UNIPIC3 = Release(
+    "qwen_image_edit",
+    {
+        "transformer": bf16,
+        "vae": bf16,
+        "text_encoder": bf16,
+    },  # as the Qwen-Image-Edit base (assumed, not checked)
+    "the licence on the Skywork model card (not checked here), not gated",
+)
 RELEASES: dict[str, Release] = {
     "Qwen/Qwen-Image-Edit-2511": QWEN_EDIT,
     "Qwen/Qwen-Image-Edit-2509": QWEN_EDIT,
     "Qwen/Qwen-Image-Edit": QWEN_EDIT,
+    # UniPic 3.0's teacher and its two 8-step students: QwenImageEditPlusPipeline folders like their base
+    "Skywork/Unipic3": UNIPIC3,
+    "Skywork/Unipic3-Consistency-Model": UNIPIC3,
+    "Skywork/Unipic3-DMD": UNIPIC3,
     "stabilityai/stable-diffusion-3.5-medium": Release(
         "sd3",
         # the MMDiT in bf16 (as its model card loads it); VAE, CLIP-L/G and T5-XXL files in fp16
@@ -76,7 +112,76 @@ RELEASES: dict[str, Release] = {
         "DINOv3 License, gated (accept on the hub)",
         "transformers.DINOv3ConvNextModel",
     ),
+    # the Qwen-VL instruct releases: bf16 safetensors shards, tokenizer (vocab/merges/tokenizer.json), and a
+    # preprocessor_config.json (Qwen2-VL image processor) in one folder
+    "Qwen/Qwen2.5-VL-7B-Instruct": Release("vlm", {"model": bf16}, QWEN_VL, family="qwen2_5_vl"),
+    "Qwen/Qwen3-VL-8B-Instruct": Release("vlm", {"model": bf16}, QWEN_VL, family="qwen3_vl"),
+    "Qwen/Qwen2.5-VL-3B-Instruct": Release(
+        "vlm", {"model": bf16}, "Qwen Research License, not gated", family="qwen2_5_vl"
+    ),
+    # Assumed layout of nonwhy/PURE (read from github.com/nonwhy/PURE, not from the hub's file list): a Lumina-mGPT
+    # folder that `ChameleonForConditionalGeneration.from_pretrained("nonwhy/PURE")` reads (inference_solver.py)
+    # and that also holds the tokenizer (data/item_processor.py: `tokenizer="nonwhy/PURE"`); bf16 weights (a 7B
+    # Lumina-mGPT checkpoint saved from bf16 FSDP training, loaded with precision="bf16"); no VQ of its own (the
+    # README has the user download LlamaGen's vq_ds8_c2i.pt). Its tokenizer holds Chameleon's 8,192 image tokens
+    # plus 8,192 more (inference_solver.py: ids 4-8195 and 65536-73727) for LlamaGen's 16,384 codes: the stand-in's
+    # offline tokenizer has the same 16,384 image codes over a small text vocabulary.
+    "nonwhy/PURE": Release(
+        "lumina_chameleon",
+        {"model": bf16},
+        "MIT (github.com/nonwhy/PURE; the weights derive from Chameleon, Meta's Chameleon Research License), not gated",
+        tokenizer={"kind": "chameleon", "vocab_size": 1024, "image_codes": 16384},
+    ),
+    # a local folder (pure/paper.yaml names it): LlamaGen's vq_ds8_c2i.pt (FoundationVision/LlamaGen, fp32
+    # weights) converted with convert_llamagen_checkpoint, which writes the model's fp32 parameters
+    "checkpoints/llamagen_vq_ds8": Release(
+        "llamagen_vq", {"model": fp32}, "MIT (FoundationVision/LlamaGen vq_ds8_c2i.pt), not gated"
+    ),
 }
+
+# A tiny config per VLM family, for a release whose family differs from the tiny experiment's (module doc).
+TINY_VLM: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl": {
+        "text_config": {
+            "initializer_range": 0.5,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        "vision_config": {
+            "initializer_range": 0.5,
+            "depth": 1,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+        },
+    },
+    "qwen3_vl": {
+        "text_config": {
+            "initializer_range": 0.5,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        "vision_config": {
+            "initializer_range": 0.5,
+            "depth": 1,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+        },
+    },
+}
+
+
+LAYOUTS = ("qwen_image_edit", "sd3", "transformers", "vlm", "lumina_chameleon", "llamagen_vq")
 
 
 def release(hub_id: str) -> Release:
@@ -84,7 +189,7 @@ def release(hub_id: str) -> Release:
     if hub_id not in RELEASES:
         raise KeyError(
             f"no stand-in is known for the release {hub_id!r}: add it to RELEASES in tests/standins.py (its layout: "
-            f"qwen_image_edit, sd3 or transformers with the model class, the dtype of each part's files as the "
+            f"{', '.join(LAYOUTS)} (transformers with the model class, vlm with its family), the dtype of each part's files as the "
             f"hub stores them, and its licence gate), and give the argument that loads it a `config:` in the "
             f"method's tiny experiment"
         )
@@ -119,10 +224,61 @@ def write_standin(hub_id: str, parts: dict[str, dict[str, Any]], root: Path) -> 
     if entry.layout == "transformers":
         cls = _import(entry.model_class)
         _save(cls(cls.config_class(**parts["model"]["config"])), folder, entry.dtypes["model"])
+    elif entry.layout == "vlm":
+        _write_vlm(entry, parts["model"], folder)
+    elif entry.layout == "lumina_chameleon":
+        _write_lumina(entry, parts["model"], folder)
+    elif entry.layout == "llamagen_vq":
+        _write_llamagen_vq(parts["model"], folder)
     else:
         _write_pipeline(entry, parts, folder)
     (folder / ".complete").write_text(hub_id)
     return folder
+
+
+def _write_vlm(entry: Release, spec: dict[str, Any], folder: Path) -> None:
+    """A Qwen-VL release: build_vlm from the tiny spec (in the release's family), saved as the hub holds it."""
+    from lightning_modules.components.vlm import build_vlm
+
+    family = entry.family
+    config = spec["config"] if spec.get("family", "qwen2_5_vl") == family else TINY_VLM[family]
+    vlm = build_vlm(
+        family,
+        config=config,
+        tokenizer=spec.get("tokenizer"),
+        image_processor=spec.get("image_processor"),
+        extra_tokens=spec.get("extra_tokens"),
+    )
+    vlm.model.to(entry.dtypes["model"])
+    vlm.save_pretrained(folder)
+
+
+def _write_lumina(entry: Release, spec: dict[str, Any], folder: Path) -> None:
+    """A Lumina-mGPT / PURE release: the Chameleon LM (no VQGAN) and its Chameleon-style tokenizer beside it."""
+    from transformers import ChameleonConfig
+
+    from lightning_modules.components.tokenizers import build_tokenizer
+    from lightning_modules.pure import LuminaChameleon
+
+    tokenizer = build_tokenizer(**entry.tokenizer)
+    config = ChameleonConfig(**{"vocab_size": len(tokenizer), **spec["config"]})
+    _save(LuminaChameleon(config), folder, entry.dtypes["model"])
+    tokenizer.save_pretrained(folder)
+
+
+def _write_llamagen_vq(spec: dict[str, Any], folder: Path) -> None:
+    """LlamaGen's VQ as the user writes it: a `.pt` state dict in LlamaGen's format, through convert_llamagen_checkpoint."""
+    from lightning_modules.components.vq import LLAMAGEN_VQ8, LlamaGenVQModel, convert_llamagen_checkpoint
+
+    config = {**LLAMAGEN_VQ8, **spec["config"]}
+    state = LlamaGenVQModel(**config).state_dict()
+    state["quantize.codebook_used"] = torch.zeros(
+        65536
+    )  # the usage buffer LlamaGen saves (dropped on conversion)
+    pt = folder.parent / f"{folder.name}.pt"
+    torch.save({"model": state}, pt)
+    convert_llamagen_checkpoint(pt, folder, **spec["config"])
+    pt.unlink()
 
 
 def _write_pipeline(entry: Release, parts: dict[str, dict[str, Any]], folder: Path) -> None:

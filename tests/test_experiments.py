@@ -122,12 +122,12 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
     assert len(probe["losses"]) == 3 and all(math.isfinite(v) for v in probe["losses"]), probe
     # the best checkpoint was tested: its headline metric is a number (a direction without visible pairs
     # may log nan for its own IoU, never inf)
-    # (a reward model reports benchmark accuracies, no test/loss: one of them must be a number)
-    headline = "test/iou" if path.parent.name == "ccmp" else "test/loss"
-    finite = [probe["test"][headline]] if headline in probe["test"] else list(probe["test"].values())
-    assert any(math.isfinite(v) for v in finite) and not any(math.isinf(v) for v in probe["test"].values()), (
-        probe
-    )
+    tested = probe["test"]
+    assert not any(math.isinf(v) for v in tested.values()), probe
+    if path.parent.name == "ccmp":
+        assert math.isfinite(tested["test/iou"]), probe
+    else:  # each method logs its own headline metrics (loss, accuracy, PSNR ...): at least one is a number
+        assert any(math.isfinite(v) for v in tested.values()), probe
     last = torch.load(
         in_tmp / "runs" / method / name / "latest" / "checkpoints" / "last.ckpt", weights_only=True
     )

@@ -21,6 +21,8 @@ CONVERTERS: dict[str, str] = {
     "mico_bench": "datamodules.convert.mico_bench",
     "mmrb2": "datamodules.convert.mmrb2",
     "restoration": "datamodules.convert.restoration",
+    "teachers": "datamodules.convert.teachers",
+    "understanding_bench": "datamodules.convert.understanding_bench",
 }
 
 

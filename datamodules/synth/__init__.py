@@ -22,6 +22,7 @@ GENERATORS: dict[str, str] = {
     "multiref": "datamodules.synth.multiref",
     "preference": "datamodules.synth.preference",
     "restoration": "datamodules.synth.restoration",
+    "scenes": "datamodules.synth.scenes",
 }
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from datamodules.preference import PreferenceDataModule, item_pairs, parse_ranking
 from datamodules.synth import preference as synth
-from datamodules.webdataset import BadSample, ShardWriter, decode_sample, write_index
+from datamodules.webdataset import BadSample, ShardWriter, SkipSample, decode_sample, write_index
 from lightning_modules.reward_models import Verdict, format_verdict, parse_verdict
 
 
@@ -118,6 +118,23 @@ def test_bad_items_in_shards_are_counted_skips_and_good_ones_load(tmp_path):
     assert (
         batch["tiers"][0] == [1, 0, 2] and len(batch["candidates"][0]) == 3 and len(batch["sources"][0]) == 1
     )
+
+
+def test_an_all_tied_item_without_keep_ties_is_left_out_not_counted_bad(tmp_path):
+    with ShardWriter(tmp_path, "train") as writer:
+        for i in range(3):
+            writer.write(item(f"tied{i}", ranking="A=B=C"))
+        writer.write(item("ranked"))
+    write_index(tmp_path, kind="preference", splits={})
+    with pytest.raises(SkipSample, match="no usable pair"):
+        _transform(True, keep_ties=False)(raw(item("t", ranking="A=B=C")), np.random.default_rng(0))
+    dm = PreferenceDataModule(
+        data_dir=str(tmp_path), batch_size=4, synth=False, keep_ties=False, batches_per_epoch=1
+    )
+    dm.setup("fit")
+    (batch,) = list(dm.train_dataloader())  # 3 of 4 items left out: no DataError (max_skip_fraction 0.05)
+    assert len(batch["chosen"]) == 4 * 3 and not any(batch["tie"])  # 4 items, each the ranked one (3 pairs)
+    assert dm.data_stats()["skipped"] == 0
 
 
 def test_max_side_caps_the_longer_side():

@@ -349,6 +349,25 @@ def test_spatialreward_scores_parsed_verdicts_and_counts_unparsable_answers(monk
     assert model.parse_failures == 1 and model.verdicts_seen == 4
 
 
+def test_trainable_weights_are_fp32_over_a_bf16_release(tmp_path):
+    """A bf16 release loads in bf16 (transformers v5 keeps the file dtype): full fine-tuning must load it in fp32
+    (else AdamW's lr-sized steps round away), LoRA adapters over the frozen bf16 base are fp32 themselves."""
+    release = build_vlm(**backbone("qwen3_vl"))
+    release.model.to(torch.bfloat16)
+    release.save_pretrained(tmp_path)
+    spec = {"family": "qwen3_vl", "pretrained": str(tmp_path)}
+    with pytest.raises(ValueError, match=r"stored in torch.bfloat16.*dtype: float32"):
+        discriminative(backbone=spec).configure_optimizers()
+    full = discriminative(backbone={**spec, "load": {"dtype": "float32"}})
+    full.configure_optimizers()
+    assert {p.dtype for p in full.parameters() if p.requires_grad} == {torch.float32}
+    lora = spatial(backbone=spec, lora={"r": 4, "lora_alpha": 8, "target_modules": LM_LORA_TARGETS})
+    lora.configure_optimizers()
+    trainable = {n: p.dtype for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert lora.vlm.dtype == torch.bfloat16  # the frozen base stays as released
+
+
 def test_the_paper_lora_targets_only_the_language_model_linear_layers():
     from peft import LoraConfig, inject_adapter_in_model
 

@@ -1,0 +1,256 @@
+"""UniPic 3.0's few-step distillation: the consistency and DMD math by hand, the teacher/student/critic set-up,
+the consistency target against the teacher's own step, DMD's two time-scale updates and its skips, few-step
+sampling."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.ema import EMA
+from lightning_modules.components.distill import (
+    consistency_loss,
+    dmd_gradient,
+    dmd_loss,
+    jump,
+    segment_end,
+)
+from lightning_modules.consistency import TrajectoryMapping
+from lightning_modules.dmd import DMD
+from lightning_modules.flow_edit import FlowEdit
+from tests.lightning_modules.test_flow_edit import QUIET, TINY, loader, make_batch, tokenizer_cache  # noqa: F401
+
+QWEN = TINY["qwen_image_edit"]
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+# --- the math by hand -----------------------------------------------------------------------------------
+
+
+def test_jump_moves_along_the_velocity_to_the_segment_end():
+    # x + (s_end - sigma) v = 1 + (0.25 - 0.5) * 2 = 0.5; per-sample sigmas broadcast over each sample
+    assert jump(torch.tensor([1.0]), torch.tensor([2.0]), 0.5, 0.25).item() == pytest.approx(0.5)
+    out = jump(
+        torch.ones(2, 1), torch.tensor([[2.0], [4.0]]), torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.5])
+    )
+    assert out.flatten().tolist() == pytest.approx([0.5, -1.0])
+
+
+def test_consistency_loss_divides_each_error_by_its_jump_length_squared():
+    # sample 1: ||[1,2] - 0||² = 5, gap 0.25 -> 5 / 0.0625 = 80; sample 2: (3 - 1)² = 4, gap 0.5 -> 16
+    # Σ / Σ numel = 96 / 3 = 32
+    pred = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    target = [torch.zeros(2), torch.tensor([1.0])]
+    loss = consistency_loss(pred, target, torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.5]))
+    assert loss.item() == pytest.approx(32.0)
+    with pytest.raises(ValueError, match="zero length"):
+        consistency_loss(pred, target, torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.25]))
+
+
+def test_segment_end_is_the_next_grid_point_strictly_below():
+    grid = torch.tensor([[1.0, 0.75, 0.5, 0.25, 0.0]] * 3)
+    assert segment_end(grid, torch.tensor([0.6, 0.5, 1.0])).tolist() == [0.5, 0.25, 0.75]
+
+
+def test_dmd_gradient_normalises_per_sample():
+    # sample 1: |x - real| = [1, 1], mean 1 -> g = (fake - real) / 1 = [2, -2]
+    # sample 2: |x - real| = [4, 4], mean 4 -> g = ([2, 2] - [0, 4]) / 4 = [0.5, -0.5]
+    x = torch.tensor([[2.0, 0.0], [4.0, 0.0]])
+    real = torch.tensor([[1.0, 1.0], [0.0, 4.0]])
+    fake = torch.tensor([[3.0, -1.0], [2.0, 2.0]])
+    assert dmd_gradient(x, real, fake).tolist() == [[2.0, -2.0], [0.5, -0.5]]
+
+
+def test_dmd_loss_value_and_gradient():
+    # L = ½ mean (x - sg(x - g))² = ½ mean g² = ½ (4 + 4) / 2 = 2; dL/dx = g / numel = [1, -1]
+    x = torch.tensor([2.0, 0.0], requires_grad=True)
+    loss = dmd_loss(x, torch.tensor([2.0, -2.0]))
+    loss.backward()
+    assert loss.item() == pytest.approx(2.0)
+    assert x.grad.tolist() == pytest.approx([1.0, -1.0])
+
+
+# --- building ---------------------------------------------------------------------------------------------
+
+
+def build(cls=TrajectoryMapping, **kwargs):
+    torch.manual_seed(0)
+    model = cls(**{**QWEN, "student_steps": [2], "teacher_steps": 4, "teacher_guidance": 2.0, **kwargs})
+    model.configure_model()
+    return model
+
+
+def teacher_checkpoint(tmp_path, **backbone) -> str:
+    """A FlowEdit (teacher) checkpoint with an EMA callback state, as a teacher run writes it."""
+    torch.manual_seed(1)
+    spec = {**QWEN["backbone"], "config": {**QWEN["backbone"]["config"], **backbone}}
+    teacher = FlowEdit(**{**QWEN, "backbone": spec})
+    teacher.configure_model()
+    state = teacher.state_dict()
+    ema = {k: v + 1.0 for k, v in state.items() if k.startswith("backbone.")}  # distinguishable from raw
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": state, "callbacks": {"EMA": {"ema": ema, "num_updates": 3}}}, path)
+    return str(path)
+
+
+def test_student_and_teacher_start_from_the_teachers_ema_and_only_the_student_trains(tmp_path):
+    path = teacher_checkpoint(tmp_path)
+    model = build(init_checkpoint=path)
+    ema = torch.load(path, weights_only=True)["callbacks"]["EMA"]["ema"]
+    for name, p in model.backbone.named_parameters():
+        assert torch.equal(p, ema[f"backbone.{name}"]) and p.requires_grad
+    for name, p in model.teacher.named_parameters():
+        assert torch.equal(p, ema[f"backbone.{name}"]) and not p.requires_grad
+    assert not model.teacher.training and not model.train().teacher.training
+
+
+def test_a_teacher_checkpoint_of_another_architecture_is_refused_by_name(tmp_path):
+    path = teacher_checkpoint(tmp_path, num_layers=2)
+    with pytest.raises(ValueError, match=r"does not match the student's backbone config.*unexpected"):
+        build(init_checkpoint=path)
+    other = {**QWEN["backbone"], "config": {**QWEN["backbone"]["config"], "attention_head_dim": 4}}
+    with pytest.raises(ValueError, match=r"teacher's config differs.*attention_head_dim"):
+        build(teacher=other)
+
+
+def test_the_student_samples_at_8_4_2_and_1_steps_on_its_training_grid():
+    model = build()
+    batch = make_batch(2)
+    calls = []
+    model.backbone.register_forward_hook(lambda module, args, out: calls.append(args[2].clone()))
+    for steps in (8, 4, 2, 1):
+        calls.clear()
+        images = model.sample(batch["refs"], batch["instruction"], size=[(32, 32), (32, 48)], steps=steps)
+        assert [tuple(i.shape) for i in images] == [(3, 32, 32), (3, 32, 48)]
+        # one student pass per step (no CFG branch), at the grid's sigmas
+        grid = model.student_grid(steps, [64, 96])
+        assert len(calls) == steps and torch.equal(torch.stack(calls, 1), grid[:, :-1])
+        assert torch.equal(model.student_grid(steps, [64, 96]), model.sigmas(steps, [64, 96]))
+    assert model.sampler["guidance"] == 1.0 and model.sampler["steps"] == 8  # the student: 8 steps, no CFG
+
+
+# --- the consistency target -------------------------------------------------------------------------------
+
+
+def consistency_loss_of(model, batch) -> float:
+    trainer = L.Trainer(**QUIET, max_steps=1)
+    model.trainer = trainer
+    model.log = lambda *args, **kwargs: None  # training_step called outside the loop
+    with torch.no_grad():
+        return float(model.training_step(batch, 0))
+
+
+@pytest.mark.parametrize("guidance,zero", [(1.0, True), (2.0, False)])
+def test_on_the_teachers_own_grid_the_target_is_the_teachers_step(guidance, zero):
+    # student grid = teacher grid: every teacher step ends its segment, so the target is the teacher's own Euler
+    # step; a student equal to the teacher matches it exactly without CFG and misses it with CFG
+    model = build(student_steps=[4], teacher_steps=4, teacher_guidance=guidance)
+    loss = consistency_loss_of(model, make_batch(2))
+    assert (loss == pytest.approx(0.0, abs=1e-10)) is zero and loss >= 0
+
+
+def test_off_the_grid_the_target_is_the_ema_students_jump():
+    # 8 teacher steps, 2 student steps: a point not one step from its segment end takes the EMA student's jump,
+    # so moving the EMA away from the student changes the target (hence the loss); the swap is undone after
+    model = build(student_steps=[2], teacher_steps=8, teacher_guidance=1.0)
+    batch = make_batch(3)
+    trainer = L.Trainer(**QUIET, max_steps=1, callbacks=[EMA(decay=0.5)])
+    model.trainer = trainer
+    model.log = lambda *args, **kwargs: None
+    ema = trainer.callbacks[[isinstance(c, EMA) for c in trainer.callbacks].index(True)]
+    with torch.no_grad():
+        same = float(model.training_step(batch, 0))
+        ema.ema = {n: p.detach() + 0.1 for n, p in model.named_parameters() if p.requires_grad}
+        moved = float(model.training_step(batch, 0))
+    assert abs(moved - same) > 1e-6
+    assert all(torch.equal(p, q) for p, q in zip(model.backbone.parameters(), model.teacher.parameters()))
+
+
+# --- DMD ------------------------------------------------------------------------------------------------------
+
+
+class Recorder(L.Callback):
+    """The student's and the critic's weights after each step."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[dict, dict]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        student = {n: p.detach().clone() for n, p in pl_module.backbone.named_parameters()}
+        critic = {id(p): p.detach().clone() for p in pl_module.critic_parameters()}
+        self.steps.append((student, critic))
+
+
+def moved(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full_critic", "lora_critic"])
+def test_dmd_updates_the_critic_every_step_and_the_student_every_kth(lora):
+    model = build(DMD, critic_updates=2, critic_lora=lora, student_steps=[2, 1], lr=1e-2, critic_lr=1e-2)
+    if lora:
+        assert model.critic is None and all(
+            "lora_" in n for n, p in model.teacher.named_parameters() if p.requires_grad
+        )
+    else:
+        assert not any(p.requires_grad for p in model.teacher.parameters())
+    start = (
+        {n: p.detach().clone() for n, p in model.backbone.named_parameters()},
+        {id(p): p.detach().clone() for p in model.critic_parameters()},
+    )
+    recorder = Recorder()
+    trainer = L.Trainer(**QUIET, max_steps=2, callbacks=[recorder])
+    trainer.fit(model, loader(make_batch(2), repeats=2))
+    states = [start, *recorder.steps]
+    assert trainer.global_step == 2
+    # step 0 updates the student, step 1 does not; the critic moves at every step
+    assert [moved(states[i][0], states[i + 1][0]) for i in range(2)] == [True, False]
+    assert all(moved(states[i][1], states[i + 1][1]) for i in range(2))
+    assert model.skips == 0
+
+
+def test_the_lora_critics_teacher_is_the_network_without_the_adapter():
+    model = build(DMD, critic_lora=LORA)
+    with torch.no_grad():
+        for name, p in model.teacher.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter (B starts at zero)
+    batch = make_batch(1)
+    refs, x0, text, _ = model.condition(batch)
+    sigma = torch.tensor([0.5])
+    plain = copy.deepcopy(model.teacher)
+    from lightning_modules.flow_grpo import adapters_disabled
+
+    with torch.no_grad():
+        with adapters_disabled(plain.model):
+            want = plain(x0, refs, sigma, text)
+        with model.real_score() as real:
+            got = real(x0, refs, sigma, text)
+        fake = model.fake_score(x0, refs, sigma, text)
+    assert all(torch.allclose(a, b) for a, b in zip(got, want))
+    assert not all(torch.allclose(a, b) for a, b in zip(fake, want))  # the adapter is on for the critic
+
+
+def test_a_diverging_critic_is_skipped_counted_then_stops_the_run(monkeypatch):
+    model = build(DMD, critic_updates=1, max_consecutive_skips=2)
+    weight = next(model.critic.parameters())
+    monkeypatch.setattr(
+        model.critic,
+        "forward",
+        lambda x, *a, **k: [torch.full_like(xi, float("nan")) + 0 * weight.sum() for xi in x],
+    )
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    trainer = L.Trainer(**QUIET, max_steps=3)
+    with pytest.raises(RuntimeError, match=r"2 updates in a row.*non-finite.*critic diverged"):
+        trainer.fit(model, loader(make_batch(2), repeats=3))
+    assert model.skips == 4  # two steps, each a non-finite DMD gradient and a non-finite critic loss
+    assert not moved(before, dict(model.backbone.named_parameters()))  # no garbage update reached the student
+
+
+def test_gan_head_is_refused_and_critic_updates_checked():
+    with pytest.raises(NotImplementedError, match="GAN head"):
+        DMD(**QWEN, gan={"weight": 5e-3})
+    with pytest.raises(ValueError, match="critic_updates"):
+        DMD(**QWEN, critic_updates=0)
