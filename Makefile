@@ -33,10 +33,11 @@ endif
 # experiments/_base/default.yaml + fragments named in WITH (e.g. WITH=bf16,ddp) + the experiment
 comma := ,
 CONFIGS := --config experiments/_base/default.yaml $(foreach f,$(subst $(comma), ,$(WITH)),--config experiments/_base/$(f).yaml) --config experiments/$(EXP).yaml
-RUN_DIR := runs/$(EXP)
-CKPT_PATH := $(if $(CKPT),$(CKPT),$(firstword $(wildcard $(RUN_DIR)/checkpoints/best.ckpt) $(RUN_DIR)/checkpoints/last.ckpt))
+# CKPT: a checkpoint, a run folder, or `latest` (the default: the latest run of EXP, runs/EXP/latest);
+# the CLI picks best.ckpt (else last.ckpt) to evaluate, last.ckpt to resume, and prints the one it uses
+CKPT_PATH := $(if $(CKPT),$(CKPT),latest)
 
-.PHONY: help install train eval predict data test test-full bench mlflow-ui compare lint format clean
+.PHONY: help install train resume eval predict data test test-full bench mlflow-ui compare lint format clean
 
 help: ## list the targets
 	@echo "usage: make <target> [EXP=method/name] [ARGS='--trainer.max_steps=10'] [WITH=bf16,ddp]"
@@ -59,10 +60,13 @@ else
 	$(OMNILAB) fit $(CONFIGS) $(ARGS)
 endif
 
-eval: install ## Lightning test of an experiment's checkpoint: EXP= [CKPT=path; default runs/EXP/checkpoints/best.ckpt, else last.ckpt; none: the config's own weights]
+resume: install ## continue a fit where it stopped, in its run folder and MLflow run: EXP= [CKPT=run folder or checkpoint; default latest]
+	$(OMNILAB) fit $(CONFIGS) --ckpt_path $(CKPT_PATH) $(ARGS)
+
+eval: install ## Lightning test of a run, written into its folder: EXP= [CKPT=latest (default), a run folder or checkpoint; none: the config's own weights]
 	$(OMNILAB) test $(CONFIGS) $(if $(filter none,$(CKPT)),,--ckpt_path $(CKPT_PATH)) $(ARGS)
 
-predict: install ## Lightning predict with an experiment's checkpoint: EXP= [CKPT=]
+predict: install ## Lightning predict with a run's checkpoint, into its predictions/: EXP= [CKPT=latest]
 	$(OMNILAB) predict $(CONFIGS) --ckpt_path $(CKPT_PATH) $(ARGS)
 
 data: install ## generate every embedded shard set under data/

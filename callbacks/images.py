@@ -6,7 +6,7 @@ batch, or drawn once from the datamodule's validation loader), draws them as a g
 as the artifact `samples/step_NNNNNN.png` of the run, to TensorBoard as an image, and always as a PNG under
 `<default_root_dir>/samples/`. Each cell is the image letterboxed (aspect kept, centred) into a square of
 `cell` pixels; a row holds `max_refs` reference cells (empty when a sample has fewer), then the target,
-then the prediction.
+then the prediction; a header names the columns and each row's instruction is printed under it (`label_grid`).
 
 The module's whole contract is `SupportsSampleGrid.sample_grid(batch, k)`. It runs on every rank (a
 sharded model needs all ranks in its forward); only global rank 0 draws and logs.
@@ -87,6 +87,41 @@ def make_grid(rows: list[Row], cell: int = 128, gap: int = 4, max_refs: int | No
             box = letterbox(image, cell) if image is not None else torch.full((3, cell, cell), 0.6)
             grid[:, top : top + cell, left : left + cell] = box
     return grid
+
+
+def label_grid(
+    grid: Any, n_rows: int, n_refs: int, captions: list[str] | None = None, cell: int = 128, gap: int = 4
+) -> Any:
+    """`make_grid`'s PIL image with a header naming the columns (reference 1..N, target, prediction) and each
+    row's caption (its instruction) printed under it."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    header, line = 16, 12
+    chars = max(8, grid.width // 6)
+    wrapped = [textwrap.wrap(c or "", chars)[:2] if captions else [] for c in (captions or [""] * n_rows)]
+    band = line * max((len(w) for w in wrapped), default=0) + (2 if captions else 0)
+    out = Image.new("RGB", (grid.width, header + n_rows * (cell + gap + band) + gap), "white")
+    draw = ImageDraw.Draw(out)
+    names = [f"reference {i + 1}" for i in range(n_refs)] + ["target", "prediction"]
+    for j, name in enumerate(names):
+        draw.text((gap + j * (cell + gap) + 2, 2), name[: cell // 6], fill=(0, 0, 0))
+    for i in range(n_rows):
+        top = header + i * (cell + gap + band)
+        out.paste(grid.crop((0, gap + i * (cell + gap), grid.width, gap + i * (cell + gap) + cell)), (0, top))
+        for n, text in enumerate(wrapped[i]):
+            draw.text((gap + 2, top + cell + 1 + n * line), text, fill=(0, 0, 0))
+    return out
+
+
+def captions_of(batch: dict[str, Any], k: int) -> list[str] | None:
+    """The first k instructions (or prompts) of a batch, when it has them."""
+    for key in ("instruction", "prompt", "caption"):
+        values = batch.get(key)
+        if isinstance(values, list | tuple) and all(isinstance(v, str) for v in values[:k]):
+            return [str(v) for v in values[:k]]
+    return None
 
 
 def _first(batch: dict[str, Any], k: int) -> dict[str, Any]:
@@ -199,7 +234,15 @@ class SampleGrid(Callback):
             pl_module.train(was_training)
         if not trainer.is_global_zero:
             return None
-        image = to_pil(make_grid([(_cpu(r), _cpu(t), _cpu(p)) for r, t, p in rows], self.cell))
+        rows = [(_cpu(r), _cpu(t), _cpu(p)) for r, t, p in rows]
+        n_refs = max(len(r) for r, _, _ in rows)
+        image = label_grid(
+            to_pil(make_grid(rows, self.cell)),
+            len(rows),
+            n_refs,
+            captions_of(self.batch or {}, len(rows)),
+            self.cell,
+        )
         out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:06d}.png"

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.mico import category_of
-from datamodules.webdataset import expand_shards, iter_raw_samples, read_index
+from datamodules.webdataset import expand_shards, iter_raw_samples, synth_wanted
 
 MICO_TASKS = {
     "mico_bench_object_centric": "Object-Centric",
@@ -234,7 +234,8 @@ class EditBenchDataModule(L.LightningDataModule):
         limit: Keep the first `limit` cases (after the filters; quick runs).
         batch_size: Cases per batch (the judge answers a batch's requests concurrently).
         num_workers: DataLoader workers (image decoding).
-        synth: Generate the shard set (`shards` only) when data_dir has none.
+        synth: Generate the shard set (`shards` only) when data_dir has none: as WebDataModule's `synth`
+            (default: only into the suite's own `data/<synth_kind>`; a missing data_dir elsewhere is an error).
         synth_kind: The generator for `synth` ("multiref" or "mico").
         synth_samples: Samples per split to generate, e.g. {test: 32}.
         seed: Seed of the generated shards.
@@ -250,7 +251,7 @@ class EditBenchDataModule(L.LightningDataModule):
         limit: int | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
-        synth: bool = True,
+        synth: bool | None = None,
         synth_kind: str = "multiref",
         synth_samples: dict[str, int] | None = None,
         seed: int = 0,
@@ -272,7 +273,8 @@ class EditBenchDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generate the shard set of a `shards` benchmark when it is absent and `synth` is on."""
-        if self.benchmark == "shards" and self.synth and read_index(self.data_dir) is None:
+        asked = self.synth_samples is not None
+        if self.benchmark == "shards" and synth_wanted(self.data_dir, self.synth_kind, self.synth, asked):
             from datamodules.synth import synthesize
 
             synthesize(self.synth_kind, self.data_dir, samples=self.synth_samples, seed=self.seed)

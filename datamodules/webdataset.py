@@ -246,6 +246,36 @@ def read_index(data_dir: str | Path | None) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+DATA_ROOT = "data"  # the suite's own data folder: `omnilab data synth KIND` writes data/KIND
+
+
+def synth_wanted(
+    data_dir: str | Path | None, kind: str | None, synth: bool | None, asked: bool = False
+) -> bool:
+    """Whether to generate `kind`'s shards into `data_dir`; FileNotFoundError naming a data_dir that is missing.
+
+    Nothing is generated where an index.json exists. Otherwise `synth: true` (or `asked`, e.g. sample counts
+    given) generates, `synth: false` never does, and the default (None) generates only into the suite's own
+    folder `data/<kind>`, so a mistyped path is an error instead of a new synthetic data set.
+    """
+    if data_dir is None or kind is None or read_index(data_dir) is not None:
+        return False
+    default = Path(DATA_ROOT, kind).resolve() == Path(data_dir).resolve()
+    if synth or (synth is None and (asked or default)):
+        return True
+    if not Path(data_dir).exists():
+        how = (
+            "synth: false"
+            if synth is False
+            else f"the suite generates only into {DATA_ROOT}/{kind} unless asked"
+        )
+        raise FileNotFoundError(
+            f"data.data_dir {str(data_dir)!r} does not exist ({how}; set data.synth=true to generate "
+            f"{kind} shards there, or `omnilab data synth {kind} --out {data_dir}`)"
+        )
+    return False
+
+
 def shard_scheme(url: str) -> str:
     """The URL scheme webdataset's `gopen` dispatches on: `urlparse` of the GOPEN_REWRITE'd URL (so lower-cased,
     with leading spaces and control characters dropped: ` PIPE:cmd` is a pipe)."""
@@ -762,8 +792,11 @@ class WebDataModule(L.LightningDataModule):
         num_streams: Virtual training streams; fix it to keep the data order across world sizes.
         seed: Seed of every data random stream (shards, shuffle, augmentation).
         max_skip_fraction: Stop when more than this fraction of samples is bad (judged on >= 20 samples).
-        synth: Generate the embedded shards into data_dir when they are absent.
-        synth_samples: Samples per split to generate, e.g. {train: 256, val: 32, test: 32}.
+        synth: Generate the embedded shards into data_dir when they are absent: true generates anywhere, false
+            never; the default generates only into the suite's own `data/<kind>` (a data_dir elsewhere that
+            does not exist is an error naming it).
+        synth_samples: Samples per split to generate, e.g. {train: 256, val: 32, test: 32}; giving it asks
+            for generation (as synth: true does, unless synth is false).
         max_image_pixels: Refuse (skip and count) an image of more pixels than this, before decoding it
             (default: the data kind's `max_image_side` squared).
     """
@@ -787,7 +820,7 @@ class WebDataModule(L.LightningDataModule):
         num_streams: int | None = None,
         seed: int = 0,
         max_skip_fraction: float = 0.05,
-        synth: bool = True,
+        synth: bool | None = None,
         synth_samples: dict[str, int] | None = None,
         max_image_pixels: int | None = None,
     ) -> None:
@@ -834,8 +867,8 @@ class WebDataModule(L.LightningDataModule):
         return spec
 
     def prepare_data(self) -> None:
-        """Generate the embedded shards when `synth` is on and the shard set is absent."""
-        if not (self.synth and self.synth_kind and self.data_dir) or read_index(self.data_dir) is not None:
+        """Generate the embedded shards when the shard set is absent and generation is wanted (`synth_wanted`)."""
+        if not synth_wanted(self.data_dir, self.synth_kind, self.synth, asked=self.synth_samples is not None):
             return
         from datamodules.synth import synthesize
 

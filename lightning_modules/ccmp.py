@@ -34,6 +34,7 @@ from datamodules.correspondence import prediction_to_gt
 from lightning_modules.components.backbones import BackboneSpec, build_backbone, check_backbone
 from metrics.correspondence import CorrespondenceMetrics, HandalInstanceIoU, SubmissionWriter
 from omnilab.attention import apply_attention
+from omnilab.runs import resolve_latest
 
 EVAL_DIRECTIONS = ("ego-exo", "exo-ego")  # the benchmark's two directions; same-view pairs are not scored
 EVAL_PROTOCOLS = ("egoexo4d", "handalx")
@@ -270,7 +271,9 @@ class CCMP(L.LightningModule):
         )
         self.attention_backend = apply_attention(self, self.attention)
         if self.init_checkpoint:
-            state = torch.load(self.init_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+            path = resolve_latest(self.init_checkpoint)  # runs/<method>/<name>/latest/... : the newest run
+            print(f"CCMP: init_checkpoint {path}", flush=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
             self.load_state_dict(state)
 
     def setup(self, stage: str) -> None:

@@ -40,6 +40,7 @@ from lightning_modules.components.packed_dit import PackedDiT, TextConditioning
 from lightning_modules.flow_edit import BACKENDS, FlowEdit
 from lightning_modules.flow_grpo import ensure_init_checkpoint
 from omnilab.attention import apply_attention
+from omnilab.runs import resolve_latest
 from omnilab.seeding import torch_generator
 
 STUDENT_SAMPLER = {"steps": 8, "guidance": 1.0}  # UniPic-3's students: 8 Euler steps, no CFG
@@ -191,7 +192,9 @@ class FewStepDistill(FlowEdit):
             ensure_init_checkpoint(self.init_checkpoint, self.init_experiment, args)
         if trainer is not None:
             trainer.strategy.barrier("distill_init_checkpoint")
-        return Path(self.init_checkpoint)
+        return resolve_latest(
+            self.init_checkpoint
+        )  # runs/.../latest/...: the newest run, link or pointer file
 
     def train(self, mode: bool = True) -> FewStepDistill:
         """FlowEdit's train mode; the teacher always stays in eval mode."""

@@ -223,13 +223,16 @@ class EditBench(L.LightningModule):
             return
         if self.init_checkpoint is not None:
             from lightning_modules.flow_grpo import ensure_init_checkpoint
+            from omnilab.runs import resolve_latest
 
             trainer = self._trainer
             if trainer is None or trainer.is_global_zero:
                 ensure_init_checkpoint(self.init_checkpoint, self.init_experiment, ["--trainer.logger=false"])
             if trainer is not None:
                 trainer.strategy.barrier("edit_bench_init_checkpoint")
-            checkpoint = torch.load(self.init_checkpoint, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(
+                resolve_latest(self.init_checkpoint), map_location="cpu", weights_only=True
+            )
             spec = self._spec() if self.editor_spec is not None else editor_from_checkpoint(checkpoint)
             self.editor = build_editor(spec)
             load_editor_weights(self.editor, checkpoint)

@@ -24,7 +24,7 @@ implements its `SupportsGRPO` protocol:
 The rollout and the re-scoring run the very same velocity code (`_velocity`), so fully on-policy the first
 ratio is exactly 1 when a training slice equals a rollout chunk (the notes' debug rule).
 
-Starting point: `init_checkpoint` (an SFT run's Lightning checkpoint, e.g. runs/uniref/tiny/checkpoints/last.ckpt)
+Starting point: `init_checkpoint` (an SFT run's Lightning checkpoint, e.g. runs/uniref/tiny/latest/checkpoints/last.ckpt)
 is loaded into the base model BEFORE the LoRA adapter is added (its optimizer and loop state are not taken);
 when that file is missing and `init_experiment` names an experiment (e.g. "uniref/tiny"), `omnilab fit` of that
 experiment runs first in a subprocess (logged), in this working directory, with this run's data folder.
@@ -54,6 +54,7 @@ from lightning_modules.components.grpo import (
 )
 from lightning_modules.components.packed_dit import TextConditioning
 from lightning_modules.flow_edit import FlowEdit
+from omnilab.runs import resolve_latest
 from omnilab.seeding import derive_seed
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -102,12 +103,16 @@ def ensure_init_checkpoint(
 ) -> Path:
     """`path` if it exists; else run `omnilab fit` of `experiment` (experiments/<experiment>.yaml) to make it.
 
-    The subprocess runs in `cwd` (default: this process's), so the experiment's runs/<method>/<name>/ lands
-    where a relative `path` points. RuntimeError if the fit fails or does not write `path`.
+    A `latest` component in `path` (`runs/uniref/tiny/latest/checkpoints/last.ckpt`) is the experiment's newest
+    run, whether `latest` is a link or a pointer file (omnilab/runs.py); the checkpoint used is printed. The
+    subprocess runs in `cwd` (default: this process's), so the experiment's runs/<method>/<name>/ lands where a
+    relative `path` points. RuntimeError if the fit fails or does not write `path`.
     """
-    path = Path(path)
-    if path.is_file():
+    if resolve_latest(path).is_file():
+        path = resolve_latest(path)
+        print(f"init_checkpoint: using {path}", flush=True)
         return path
+    path = Path(path)
     if experiment is None:
         raise FileNotFoundError(
             f"init_checkpoint {path} does not exist (set init_experiment to train it first)"
@@ -127,9 +132,10 @@ def ensure_init_checkpoint(
     done = subprocess.run(command, cwd=cwd, env=dict(os.environ))
     if done.returncode != 0:
         raise RuntimeError(f"the init_experiment fit ({experiment}) failed with exit code {done.returncode}")
-    if not path.is_file():
+    if not resolve_latest(path).is_file():
         raise RuntimeError(f"the init_experiment fit ({experiment}) finished but did not write {path}")
-    return path
+    print(f"init_checkpoint: using {resolve_latest(path)}", flush=True)
+    return resolve_latest(path)
 
 
 class FlowGRPO(FlowEdit):
@@ -227,7 +233,7 @@ class FlowGRPO(FlowEdit):
             ensure_init_checkpoint(self.init_checkpoint, self.init_experiment, args)
         if trainer is not None:
             trainer.strategy.barrier("flow_grpo_init_checkpoint")
-        path = Path(self.init_checkpoint)
+        path = resolve_latest(self.init_checkpoint)
         if not path.is_file():  # another rank's view of a checkpoint rank 0 could not write
             raise FileNotFoundError(f"init_checkpoint {path} does not exist")
         return path

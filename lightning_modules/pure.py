@@ -312,9 +312,11 @@ class PURE(L.LightningModule):
 
     def _vq_checkpoint(self) -> Path:
         """`init_vq_checkpoint`, trained first (rank 0) from `init_vq_experiment` when missing."""
+        from omnilab.runs import resolve_latest
+
         path = Path(self.hparams.init_vq_checkpoint)
         trainer = self._trainer
-        if not path.is_file() and (trainer is None or trainer.is_global_zero):
+        if not resolve_latest(path).is_file() and (trainer is None or trainer.is_global_zero):
             from lightning_modules.flow_grpo import ensure_init_checkpoint
 
             args = []
@@ -326,8 +328,10 @@ class PURE(L.LightningModule):
             ensure_init_checkpoint(path, self.hparams.init_vq_experiment, args)
         if trainer is not None:
             trainer.strategy.barrier("pure_init_vq_checkpoint")
+        path = resolve_latest(path)  # runs/pure/vq_tiny/latest/...: the newest run of the VQ experiment
         if not path.is_file():
             raise FileNotFoundError(f"init_vq_checkpoint {path} does not exist")
+        print(f"PURE: init_vq_checkpoint {path}", flush=True)
         return path
 
     def _load_vq(self, path: Path) -> None:

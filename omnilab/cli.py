@@ -20,25 +20,44 @@ import argparse
 import importlib
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
     ProgressBar,
-    RichProgressBar,
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint, check_writable
+from callbacks.final_validation import FinalValidation
 from callbacks.health import RunHealth
+from callbacks.progress import RunProgressBar
 from omnilab.allowlist import RefusedImport, check_config, check_import_path, guard_imports, safe_resolvers
+from omnilab.configs import merging_dicts
+from omnilab.runs import (
+    CHECKPOINTS,
+    RUN_DIR_ENV,
+    NoCheckpoint,
+    experiment_dir,
+    find_checkpoint,
+    latest_run,
+    run_of_checkpoint,
+    set_latest,
+    timestamp_id,
+)
 from omnilab.tracking import (
+    COMMAND_TAG,
+    EVALUATES_TAG,
     checkpoint_run_id,
     compare_runs,
     continue_run,
@@ -47,6 +66,7 @@ from omnilab.tracking import (
     process_tags,
     run_identity,
     settle_killed_runs,
+    start_run,
 )
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -55,6 +75,8 @@ CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightn
 
 def expand_defaults(argv: list[str]) -> list[str]:
     """Insert the fragments an experiment lists under `defaults:` as `--config` before it (recursively).
+
+    `-c` is `--config` (both spellings, `--config=path` too); every config comes out as `--config path`.
 
     lightning-hydra-template's habit: `defaults: [_base/tiny_flow_qwen.yaml]` in an experiment means
     "start from these fragments"; paths are relative to the `experiments/` folder holding the file.
@@ -81,16 +103,20 @@ def expand_defaults(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--config" and i + 1 < len(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
             add(Path(argv[i + 1]))
             i += 2
-        elif arg.startswith("--config="):
+        elif arg.startswith(("--config=", "-c=")):
             add(Path(arg.split("=", 1)[1]))
             i += 1
         else:
             out.append(arg)
             i += 1
     return out
+
+
+class SuiteHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's lines (the suite's commands) kept as written."""
 
 
 class OmnilabCLI(LightningCLI):
@@ -108,7 +134,12 @@ class OmnilabCLI(LightningCLI):
             save_config_callback=TrackConfig,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "prog": "omnilab",
+                "description": suite_help(),
+                "formatter_class": SuiteHelpFormatter,
+            },
             args=args,
             run=run,
         )
@@ -142,52 +173,92 @@ class OmnilabCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse with only omegaconf's own resolvers available to `${...}` (allowlist.safe_resolvers)."""
-        with safe_resolvers():
+        """Parse with only omegaconf's own resolvers available to `${...}` (allowlist.safe_resolvers), dict-valued
+        arguments merging key by key at any depth (omnilab/configs.py)."""
+        with safe_resolvers(), merging_dicts():
             super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning replaces the model config by a `--ckpt_path` checkpoint's hyperparameters; a test-only model
-        (a benchmark runner, `test_only = True`) keeps its own config and reads the checkpoint itself."""
-        cfg = self.config.get(self.config.get("subcommand") or "", self.config)
+        """Resolve `--ckpt_path latest` / a run folder to its checkpoint file and say which one is used; then
+        Lightning replaces the model config by the checkpoint's hyperparameters, except for a test-only model
+        (a benchmark runner, `test_only = True`), which keeps its own config and reads the checkpoint itself."""
+        subcommand = self.config.get("subcommand")
+        cfg = self.config.get(subcommand or "", self.config)
+        self._resolve_ckpt_path(cfg, subcommand or "fit")
         model = cfg.get("model") if hasattr(cfg, "get") else None
         class_path = model.get("class_path") if hasattr(model, "get") else None
+        self._test_only = False
         if isinstance(class_path, str) and "." in class_path:
             try:
                 model_class = check_import_path(class_path)
             except RefusedImport as err:
                 self.parser.error(str(err))
             if getattr(model_class, "test_only", False):
+                self._test_only = True
                 return
         with safe_resolvers():  # a checkpoint's hyperparameters are parsed as a config too
             super()._parse_ckpt_path()
 
+    def _resolve_ckpt_path(self, cfg: Any, subcommand: str) -> None:
+        """`latest`, a run folder or an experiment folder -> the checkpoint file (`last.ckpt` to resume a fit,
+        `best.ckpt`, else `last.ckpt`, to evaluate); print the checkpoint a command uses (omnilab/runs.py)."""
+        ckpt_path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        if not ckpt_path or str(ckpt_path).split(":", 1)[0] in CKPT_KEYWORDS or "://" in str(ckpt_path):
+            return
+        method, name, _ = run_identity(cfg.get("config") or [])
+        try:
+            path, how = find_checkpoint(
+                str(ckpt_path), experiment_dir(method, name), resume=subcommand == "fit"
+            )
+        except NoCheckpoint as err:
+            self.parser.error(f"{err}; nothing was started")
+        cfg.ckpt_path = str(path)
+        if (_get_rank() or 0) == 0:
+            verb = "resumes from" if subcommand == "fit" else "uses"
+            print(f"omnilab {subcommand} {verb} checkpoint {path} ({how})", flush=True)
+
     def before_instantiate_classes(self) -> None:
         """Before any work: check every class_path, the checkpoint to load, the folders to write, the MLflow
-        store; name the run, place its checkpoints and config under runs/, continue a resumed run."""
+        store; name the run, give it its run folder (omnilab/runs.py) and continue a resumed run."""
         try:
             check_config(self.config)
         except RefusedImport as err:
             self.parser.error(str(err))
+        subcommand = self.subcommand or "fit"
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         method, name, config_path = run_identity(cfg.get("config") or [])
         trainer = cfg.trainer
-        if trainer.get("default_root_dir") in (None, ".", os.getcwd()):
-            trainer.default_root_dir = str(Path("runs") / method / name)
-        if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") is None:
-            cfg.checkpoint.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         ckpt_path = cfg.get("ckpt_path")
         keyword = str(ckpt_path).split(":", 1)[0] in CKPT_KEYWORDS  # "last", "registry:<model>", ...
         local_ckpt = ckpt_path and not keyword and "://" not in str(ckpt_path)
-        if local_ckpt and not Path(ckpt_path).is_file():
+        if local_ckpt and not Path(ckpt_path).exists():
             self.parser.error(f"--ckpt_path {ckpt_path}: no such checkpoint file; nothing was started")
-        checkpoints = self.subcommand in (None, "fit") and cfg.get("checkpoint") is not None
-        try:
-            check_writable(trainer.default_root_dir, "run folder (trainer.default_root_dir)")
-            if checkpoints and trainer.get("enable_checkpointing") is not False:
-                check_writable(cfg.checkpoint.dirpath, "checkpoint folder (checkpoint.dirpath)")
+        rank = _get_rank() or 0
+        fast = bool(trainer.get("fast_dev_run"))
+        exp_dir = experiment_dir(method, name)
+        # where this command writes: a folder of its own (a new fit, a benchmark), the run it resumes or evaluates
+        run_dir, new_run = None, False
+        chosen = trainer.get("default_root_dir") not in (None, ".", os.getcwd())
+        if chosen:
+            run_dir = Path(trainer.default_root_dir)  # chosen by the user
+        elif rank > 0:  # the folder rank 0 chose: inherited when it launched us, else broadcast at setup
+            run_dir = Path(os.environ.get(RUN_DIR_ENV) or exp_dir)
+        elif fast:
+            run_dir = exp_dir / "fast_dev_run"  # a smoke test: no run folder, no checkpoint, no MLflow run
+        elif local_ckpt and not self._test_only and run_of_checkpoint(ckpt_path) is not None:
+            run_dir = run_of_checkpoint(ckpt_path)  # a resumed fit continues it; eval/predict write into it
+        else:
+            new_run = True
+        ckpt_dir = cfg.checkpoint.get("dirpath") if cfg.get("checkpoint") is not None else None
+        checkpoints = subcommand == "fit" and cfg.get("checkpoint") is not None and not fast
+        checkpoints = checkpoints and trainer.get("enable_checkpointing") is not False
+        try:  # before any work, the MLflow run included
+            check_writable(exp_dir if new_run else run_dir, "run folder (trainer.default_root_dir)")
+            if checkpoints and ckpt_dir is not None:
+                check_writable(ckpt_dir, "checkpoint folder (checkpoint.dirpath)")
         except OSError as err:
             self.parser.error(f"{err}; nothing was started")
+        mlflow_run = None
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if getattr(logger, "class_path", "").endswith("MLFlowLogger"):
@@ -196,19 +267,38 @@ class OmnilabCLI(LightningCLI):
                     init.experiment_name = method
                 if init.get("run_name") is None:
                     init.run_name = name
+                evaluates = run_dir.name if run_dir is not None and subcommand != "fit" else None
                 init.tags = {
                     **(init.get("tags") or {}),
                     "git_sha": git_sha(),
                     "config": config_path or "",
                     "command": " ".join(["omnilab", *sys.argv[1:]])[:5000],
+                    COMMAND_TAG: subcommand,
+                    **({EVALUATES_TAG: evaluates} if evaluates else {}),
                     **process_tags(),
                 }
-                if (_get_rank() or 0) == 0:
-                    self._track(init, ckpt_path if self.subcommand in (None, "fit") else None)
+                if rank == 0 and not fast:
+                    resume = ckpt_path if subcommand == "fit" and local_ckpt else None
+                    mlflow_run = self._track(init, resume, start=new_run and mlflow_run is None)
+        if new_run:
+            run_dir = exp_dir / (mlflow_run or timestamp_id(exp_dir))
+            run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.default_root_dir = str(run_dir)
+        if cfg.get("checkpoint") is not None and ckpt_dir is None:
+            cfg.checkpoint.dirpath = str(run_dir / CHECKPOINTS)
+        if rank == 0:
+            os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes a DDP launch starts
+            if not (fast or chosen) and (subcommand == "fit" or (new_run and self._test_only)):
+                set_latest(run_dir)  # the newest fit (or benchmark run) of the experiment
+        self.save_config_kwargs["config_filename"] = (
+            "config.yaml" if subcommand == "fit" else f"{subcommand}_config.yaml"
+        )  # eval / predict never overwrite the config of the run they evaluate
+        self.run_dir, self._started = run_dir, time.time()
 
     @staticmethod
-    def _track(init: Any, ckpt_path: str | None) -> None:
-        """Open the MLflow store (plain error if it cannot be), continue a resumed fit's run, mark dead runs KILLED."""
+    def _track(init: Any, ckpt_path: str | None, start: bool) -> str | None:
+        """Open the MLflow store (plain error if it cannot be), continue a resumed fit's run, mark dead runs
+        KILLED, start the run now when `start` (its id names the run folder); returns the run id."""
         # as MLFlowLogger resolves it: the argument, else $MLFLOW_TRACKING_URI, else a file store in save_dir
         uri = init.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         uri = uri or f"file:{init.get('save_dir') or './mlruns'}"
@@ -225,6 +315,12 @@ class OmnilabCLI(LightningCLI):
                 except MlflowException:  # the run was deleted from the store: a new run, then
                     run_id = None
         settle_killed_runs(client, init.experiment_name, init.run_name, keep=run_id)
+        if run_id is None and start:
+            run_id = start_run(
+                client, init.experiment_name, init.run_name, init.tags, init.get("artifact_location")
+            )
+            init.run_id = run_id
+        return run_id
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
         configured = list(config.get("callbacks") or [])
@@ -234,11 +330,13 @@ class OmnilabCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
-            extra.append(RichProgressBar(leave=True))
+            extra.append(RunProgressBar(leave=True))
         if config.get("logger") not in (None, False) and not any(
             isinstance(c, LearningRateMonitor) for c in configured
         ):
             extra.append(LearningRateMonitor(logging_interval="step"))
+        if not config.get("fast_dev_run"):
+            extra.append(FinalValidation())  # a run stopped by max_steps still validates at its end
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -263,21 +361,85 @@ class OmnilabCLI(LightningCLI):
             rank_zero_warn(warning)
 
     def after_fit(self) -> None:
-        """Test the best checkpoint in the same run, when the data has a test split."""
-        if not self.config.fit.get("test_after_fit", True):
-            return
+        """Test the best checkpoint in the same run, when the data has a test split; then the summary."""
         has_split = getattr(self.datamodule, "has_split", None)
-        if callable(has_split) and not has_split("test"):
-            return
-        ckpt = self.trainer.checkpoint_callback
-        best = "best" if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
+        if self.config.fit.get("test_after_fit", True) and not (
+            callable(has_split) and not has_split("test")
+        ):
+            ckpt = self.trainer.checkpoint_callback
+            best = "best" if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
+        self.print_summary(fitted=True)
+
+    def after_validate(self) -> None:
+        """The summary of the command (run folder, MLflow run, what was written)."""
+        self.print_summary()
+
+    def after_test(self) -> None:
+        """The summary of the command (run folder, MLflow run, what was written)."""
+        self.print_summary()
+
+    def after_predict(self) -> None:
+        """The summary of the command (run folder, MLflow run, where predictions were written)."""
+        self.print_summary()
+
+    def print_summary(self, fitted: bool = False) -> None:
+        """Print `run_summary` on global rank 0."""
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer, Path(self.run_dir), self._started, fitted), flush=True)
+
+
+def run_summary(trainer: L.Trainer, run_dir: Path, started: float, fitted: bool = False) -> str:
+    """What a command left: its run folder, MLflow run (id and URL), best checkpoint and score, what it wrote."""
+    latest = latest_run(run_dir.parent)
+    is_latest = latest is not None and latest.resolve() == run_dir.resolve()
+    lines = [f"run folder     {_relative(run_dir)}" + ("  (latest)" if is_latest else "")]
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger) and getattr(logger, "_run_id", None):
+            lines.append(f"MLflow run     {logger.run_id}  {mlflow_run_url(logger)}")
+    ckpt = trainer.checkpoint_callback
+    if fitted and isinstance(ckpt, ModelCheckpoint):
+        if ckpt.best_model_path:
+            score = ckpt.best_model_score
+            shown = f"{ckpt.monitor} = {float(score):.4g}" if score is not None and ckpt.monitor else ""
+            lines.append(f"best checkpoint {_relative(ckpt.best_model_path)}  {shown}".rstrip())
+        last = Path(ckpt.dirpath or run_dir / CHECKPOINTS) / "last.ckpt"
+        if last.exists():
+            lines.append(f"last checkpoint {_relative(last)}")
+    written = sorted(
+        p.name
+        for p in (run_dir.iterdir() if run_dir.is_dir() else [])
+        if p.name not in (CHECKPOINTS, "config.yaml") and not p.name.startswith(".")
+        and p.stat().st_mtime >= started
+    )  # fmt: skip
+    if written:
+        lines.append(f"written        {', '.join(_relative(run_dir / w) for w in written)}")
+    width = max(len(line) for line in lines)
+    return "\n".join(["─" * width, *lines, "─" * width])
+
+
+def _relative(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def mlflow_run_url(logger: MLFlowLogger) -> str:
+    """The run's page: on the tracking server when there is one, else on `make mlflow-ui`'s local dashboard."""
+    uri = str(getattr(logger, "_tracking_uri", "") or "")
+    page = f"#/experiments/{logger.experiment_id}/runs/{logger.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"(store {uri}; make mlflow-ui, then http://127.0.0.1:5000/{page})"
 
 
 # --------------------------------------------------------------------------- the suite's own commands
 
 
 def _data(argv: list[str]) -> None:
+    """`omnilab data synth|convert|curate|list`: write WebDataset shards (generated, converted, curated)."""
     from datamodules.convert import CONVERTERS, converter
     from datamodules.curate import STEPS, step
     from datamodules.synth import GENERATORS, synthesize
@@ -289,11 +451,18 @@ def _data(argv: list[str]) -> None:
     synth.add_argument("--out", help="output folder (default data/<kind>)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--samples", nargs="*", default=[], metavar="SPLIT=N", help="e.g. train=1024 val=64")
-    convert = sub.add_parser("convert", help="convert a real dataset to shards")
+    # convert and curate leave -h to the converter's / step's own parser (its arguments)
+    convert = sub.add_parser("convert", help="convert a real dataset to shards", add_help=False)
     convert.add_argument("dataset", choices=sorted(CONVERTERS))
-    curate = sub.add_parser("curate", help="a curation step (collect, filter, compose, dere) over shards")
+    curate = sub.add_parser(
+        "curate", help="a curation step (collect, filter, compose, dere) over shards", add_help=False
+    )
     curate.add_argument("step", choices=sorted(STEPS))
     sub.add_parser("list", help="list the synth kinds and converters")
+    # `data cache` is dispatched before this parser (_data_or_cache); listed here so `data --help` shows it
+    sub.add_parser(
+        "cache", help="cache VAE latents and text states of a shard set (docs/data.md)", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
     if args.action == "list":
         print("synth:", ", ".join(sorted(GENERATORS)))
@@ -323,6 +492,7 @@ def _data(argv: list[str]) -> None:
 
 
 def _compare(argv: list[str]) -> None:
+    """`omnilab compare --experiment METHOD`: a table and a plot of a method's MLflow runs."""
     parser = argparse.ArgumentParser(
         prog="omnilab compare", description="Compare the MLflow runs of a method."
     )
@@ -336,6 +506,7 @@ def _compare(argv: list[str]) -> None:
 
 
 def _bench(argv: list[str]) -> None:
+    """`omnilab bench [name ...]`: run benchmark scripts from benchmarks/ (RESULTS.md sections)."""
     parser = argparse.ArgumentParser(
         prog="omnilab bench", description="Run benchmark scripts from benchmarks/."
     )
@@ -359,6 +530,7 @@ def _bench(argv: list[str]) -> None:
 
 
 def _slurm(argv: list[str]) -> None:
+    """`omnilab slurm --nodes N --gpus G -- fit --config ...`: write (and submit) an sbatch script."""
     from omnilab.slurm import global_batch, sbatch_script, submit
 
     parser = argparse.ArgumentParser(prog="omnilab slurm", description="Write and submit an sbatch script.")
@@ -387,6 +559,7 @@ def _slurm(argv: list[str]) -> None:
 
 
 def _serve(argv: list[str]) -> None:
+    """`omnilab serve reward --config ...`: serve a reward over HTTP."""
     from rewards.serving import main as serve_main
 
     serve_main(argv)
@@ -396,6 +569,7 @@ COMMANDS = {"data": _data, "compare": _compare, "bench": _bench, "slurm": _slurm
 
 
 def _export(argv: list[str]) -> None:
+    """Export a trained model: a diffusers pipeline folder, LoRA weights, or CCMP safetensors (docs/export.md)."""
     from omnilab.export import main as export_main
 
     export_main(argv)
@@ -405,7 +579,7 @@ COMMANDS["export"] = _export
 
 
 def _data_or_cache(argv: list[str]) -> None:
-    """`omnilab data cache ...` (datamodules/cache.py), else the `data` command."""
+    """`omnilab data synth|convert|curate|cache|list ...`: write WebDataset shards (cache: latents, text states)."""
     if argv and argv[0] == "cache":
         from datamodules.cache import main as cache_main
 
@@ -417,6 +591,18 @@ def _data_or_cache(argv: list[str]) -> None:
 COMMANDS["data"] = _data_or_cache
 
 
+def suite_help() -> str:
+    """`omnilab --help`'s description: the Lightning commands below, then every other command of the suite."""
+    lines = [f"  {name:8s} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
+    return "\n".join(
+        [
+            "omnilab: Lightning's fit/validate/test/predict (below; -c is --config and expands `defaults:`),",
+            "and the suite's own commands (each with --help):",
+            *lines,
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `omnilab` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -424,7 +610,12 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[argv[0]](argv[1:])
         return
     guard_imports()
-    OmnilabCLI(args=expand_defaults(argv))
+    with warnings.catch_warnings():
+        # main() hands LightningCLI the expanded argv; the "args and command line arguments" warning is ours
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        # a new run's checkpoint folder is empty; one that is not is the run being resumed
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        OmnilabCLI(args=expand_defaults(argv))
 
 
 if __name__ == "__main__":

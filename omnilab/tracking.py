@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,6 +33,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 EXPERIMENTS_DIR = "experiments"
 PROCESS_TAG, RESUMES_TAG = "omnilab.process", "omnilab.resumes"  # process: "<pid>@<host>" (never a number)
 CHECKPOINT_KEY = "mlflow"  # checkpoint["mlflow"] = {"run_id", "tracking_uri"}
+COMMAND_TAG = "omnilab.command"  # fit | validate | test | predict (compare shows fits only)
+EVALUATES_TAG = "omnilab.evaluates"  # an eval / predict run: the run folder (id) of the fit it evaluates
 
 
 def tracking_uri() -> str:
@@ -143,6 +146,23 @@ def continue_run(client: Any, run_id: str) -> None:
         client.set_tag(run_id, key, value)
 
 
+def start_run(
+    client: Any, experiment: str, run_name: str, tags: Mapping[str, Any], artifact_location: str | None = None
+) -> str:
+    """Create the MLflow run of a fit now (the experiment too, if new) and return its id, which names the run
+    folder; MLFlowLogger then logs to it (`run_id`) as to a run it had created itself."""
+    from lightning.pytorch.loggers.mlflow import _get_resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None and exp.lifecycle_stage != "deleted":
+        experiment_id = exp.experiment_id
+    else:
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    tags = _get_resolve_tags()({**{k: str(v) for k, v in tags.items()}, MLFLOW_RUN_NAME: run_name})
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
 def run_identity(config_paths: Iterable[str | os.PathLike]) -> tuple[str, str, str | None]:
     """(method, run name, config path) from the last config under experiments/<method>/ (not _base)."""
     for path in reversed([Path(str(p)) for p in config_paths]):
@@ -199,9 +219,11 @@ class TrackConfig(SaveConfigCallback):
                 checkpoint[CHECKPOINT_KEY] = {"run_id": logger._run_id, "tracking_uri": logger._tracking_uri}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Write `<default_root_dir>/config.yaml` (overwriting) and log it once per run."""
+        """Take rank 0's run folder on every process; write `<default_root_dir>/<config_filename>` and log it."""
         if self.already_saved:
             return
+        # processes started by another launcher (srun, torchrun) could not know the folder rank 0 chose
+        trainer._default_root_dir = trainer.strategy.broadcast(trainer.default_root_dir)
         if trainer.is_global_zero:
             root = Path(trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)
@@ -225,6 +247,51 @@ class TrackConfig(SaveConfigCallback):
 # --------------------------------------------------------------------------- omnilab compare
 
 
+NOISE_PARAMS = re.compile(
+    r"(^|/)(tags|run_id|ckpt_path|tracking_uri|default_root_dir|dirpath|save_dir|artifact_location|"
+    r"data_dir|cache_dir|log_model)(/|$)"
+)  # params that differ between runs without making them different experiments
+
+
+def compared_runs(client: Any, experiment_id: str, max_runs: int = 20) -> list[Any]:
+    """An experiment's fits, newest first: eval and predict runs (which evaluate a fit) are left out."""
+    runs = client.search_runs(
+        [experiment_id], order_by=["attributes.start_time DESC"], max_results=max_runs * 4
+    )
+    kept = [
+        r
+        for r in runs
+        if EVALUATES_TAG not in r.data.tags and r.data.tags.get(COMMAND_TAG, "fit") in ("fit", "test")
+    ]
+    return kept[:max_runs]
+
+
+def short_names(keys: list[str], among: Iterable[str] | None = None) -> dict[str, str]:
+    """Each flattened param name (`model/backbone/config/num_layers`) by its shortest suffix that no other name
+    of `among` (default: `keys`) ends with."""
+    among = list(keys if among is None else among)
+    out = {}
+    for key in keys:
+        parts = key.split("/")
+        for n in range(1, len(parts) + 1):
+            suffix = "/".join(parts[-n:])
+            if sum(k == suffix or k.endswith("/" + suffix) for k in among) == 1:
+                out[key] = suffix
+                break
+        else:
+            out[key] = key
+    return out
+
+
+def run_label(run: Any, differing: list[str], names: Mapping[str, str], max_len: int = 60) -> str:
+    """`name·abcd1234 (lr=0.1, steps=10)`: the run name, its short id and the params that tell it apart."""
+    label = f"{run.info.run_name or 'run'}·{run.info.run_id[:8]}"
+    params = ", ".join(f"{names[k]}={run.data.params.get(k, '-')}" for k in differing)
+    if params:
+        label += f" ({params[:max_len]}{'…' if len(params) > max_len else ''})"
+    return label
+
+
 def compare_runs(
     experiment: str,
     metric: str | None = None,
@@ -232,7 +299,13 @@ def compare_runs(
     uri: str | None = None,
     max_runs: int = 20,
 ) -> str:
-    """A text table of an experiment's runs (params that differ, final metrics); writes a PNG of curves."""
+    """A text table of an experiment's fits (the params that differ, final metrics) and a PNG of the curves.
+
+    Eval and predict runs and params that always differ (paths, run ids, tags: NOISE_PARAMS) are left out;
+    a param is named by its shortest unique suffix; each run is `name·short id (differing params)`. The PNG
+    has one panel per metric (x: optimizer step, y: the metric as logged), markers on every point (a run
+    with one point shows), and one legend.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri or tracking_uri())
@@ -240,21 +313,23 @@ def compare_runs(
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise SystemExit(f"no MLflow experiment named {experiment!r} (have: {names})")
-    runs = client.search_runs(
-        [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_runs
-    )
+    runs = compared_runs(client, exp.experiment_id, max_runs)
     if not runs:
-        return f"experiment {experiment!r} has no runs"
+        return f"experiment {experiment!r} has no fits"
     params = sorted({k for r in runs for k in r.data.params})
-    differing = [k for k in params if len({r.data.params.get(k) for r in runs}) > 1 and "tags" not in k]
+    differing = [
+        k for k in params if len({r.data.params.get(k) for r in runs}) > 1 and not NOISE_PARAMS.search(k)
+    ]
+    names = short_names(differing, params)
     metrics = sorted({k for r in runs for k in r.data.metrics})
     if metric is not None and metric not in metrics:
         raise SystemExit(f"metric {metric!r} not logged in {experiment!r} (have: {', '.join(metrics)})")
     shown = [metric] if metric else metrics
-    header = ["run", "status", *differing, *shown]
+    header = ["run", "id", "status", *[names[k] for k in differing], *shown]
     rows = [
         [
-            r.info.run_name or r.info.run_id[:8],
+            r.info.run_name or "run",
+            r.info.run_id[:8],
             r.info.status,
             *[r.data.params.get(k, "") for k in differing],
             *[f"{r.data.metrics[m]:.4g}" if m in r.data.metrics else "" for m in shown],
@@ -265,27 +340,47 @@ def compare_runs(
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *rows]]
     table = "\n".join(lines)
     if out is not None and shown:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(len(shown), 1, figsize=(7, 2.6 * len(shown)), squeeze=False)
-        for ax, m in zip(axes[:, 0], shown):
-            for r in runs:
-                hist = client.get_metric_history(r.info.run_id, m)
-                if hist:
-                    ax.plot(
-                        [h.step for h in hist],
-                        [h.value for h in hist],
-                        label=r.info.run_name or r.info.run_id[:8],
-                    )
-            ax.set_title(m)
-            ax.set_xlabel("step")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
+        plot_runs(client, runs, shown, [run_label(r, differing, names) for r in runs], experiment, out)
         table += f"\ncurves: {out}"
     return table
+
+
+def plot_runs(
+    client: Any, runs: list[Any], metrics: list[str], labels: list[str], title: str, out: str | Path
+) -> Path:
+    """A figure of each metric's history per run (markers, axis labels, one legend below), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(len(metrics), 2)
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, m in zip(axes.flat, metrics):
+        for i, (r, label) in enumerate(zip(runs, labels)):
+            hist = sorted(client.get_metric_history(r.info.run_id, m), key=lambda h: h.step)
+            if hist:
+                (line,) = ax.plot(
+                    [h.step for h in hist], [h.value for h in hist], marker="o", markersize=3.5,
+                    linewidth=1.4, color=f"C{i % 10}", label=label,
+                )  # fmt: skip
+                handles.setdefault(label, line)
+        ax.set_title(m, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{m.rsplit('/', 1)[-1]} (as logged)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"MLflow experiment {title}", fontsize=11)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * len(handles), 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=200)
+    plt.close(fig)
+    return out

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
 
 from omnilab.allowlist import RefusedImport, check_import_path
-from omnilab.cli import main
+from omnilab.cli import COMMANDS, main
 from omnilab.slurm import sbatch_script
 from omnilab.tracking import flatten_config, run_identity
 from tests.toy import write_toy_shards
@@ -85,11 +88,10 @@ def test_a_mistyped_key_fails_naming_it(in_tmp, capsys):
 def test_fit_names_the_run_saves_config_and_tests_best(in_tmp):
     exp = toy_experiment(in_tmp)
     main(["fit", "--config", BASE, "--config", str(exp), "--trainer.logger=false"])
-    run = in_tmp / "runs" / "toy" / "tiny"
+    run = in_tmp / "runs" / "toy" / "tiny" / "latest"
     assert (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").exists()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["seed_everything"] == 0 and saved["model"]["class_path"] == "tests.toy.ToyModule"
-    main(["fit", "--config", BASE, "--config", str(exp), "--trainer.logger=false"])  # config overwritten
 
 
 def test_run_identity_and_flattened_config():
@@ -146,3 +148,38 @@ def test_help_lists_subcommands(capsys, monkeypatch):
         main(["--help"])
     out = capsys.readouterr().out
     assert "fit" in out and "test" in out
+
+
+class CountValidations(L.Callback):
+    """Writes the global step of each validation (fit only) to validations.json."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+            Path("validations.json").write_text(json.dumps(self.steps))
+
+
+@pytest.mark.parametrize("max_steps, validated", [(2, [2]), (3, [3]), (4, [3, 4])])
+def test_a_run_cut_short_by_max_steps_validates_at_its_end(in_tmp, recwarn, max_steps, validated):
+    """3 batches an epoch: a stop at step 2 or 4 validates there; at 3 (an epoch end) once, as Lightning does."""
+    exp = toy_experiment(in_tmp, max_epochs=5)
+    main(["fit", "--config", str(exp), f"--trainer.max_steps={max_steps}", "--test_after_fit=false",
+          "--trainer.callbacks+=tests.test_cli.CountValidations"])  # fmt: skip
+    assert json.loads(Path("validations.json").read_text()) == validated
+    best = torch.load(next(Path("runs/toy/tiny").glob("*/checkpoints/best.ckpt")), weights_only=True)
+    assert best["global_step"] in validated
+    assert not [w for w in recwarn if "val/loss" in str(w.message)]  # the monitored metric was there
+
+
+def test_help_lists_the_suites_own_commands(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["omnilab", "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "usage: omnilab" in out
+    for command in COMMANDS:
+        assert f"\n  {command} " in out, command
+    assert {"data", "compare", "bench", "slurm"} <= set(COMMANDS)

@@ -115,7 +115,7 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
     )  # fmt: skip
     method, name = path.parent.name, path.stem
     if test_only:
-        assert (in_tmp / "runs" / method / name / "bench/summary.json").exists()
+        assert (in_tmp / "runs" / method / name / "latest" / "bench/summary.json").exists()
         return
     probe = json.loads((in_tmp / "fit_probe.json").read_text())
     assert probe["steps"] == 3 and probe["moved"] > 0  # three optimizer steps changed the trainable weights
@@ -128,7 +128,9 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
         assert math.isfinite(tested["test/iou"]), probe
     else:  # each method logs its own headline metrics (loss, accuracy, PSNR ...): at least one is a number
         assert any(math.isfinite(v) for v in tested.values()), probe
-    last = torch.load(in_tmp / "runs" / method / name / "checkpoints" / "last.ckpt", weights_only=True)
+    last = torch.load(
+        in_tmp / "runs" / method / name / "latest" / "checkpoints" / "last.ckpt", weights_only=True
+    )
     assert last["global_step"] == 3
 
 

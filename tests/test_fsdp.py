@@ -196,7 +196,7 @@ def test_a_sharded_checkpoint_resumes_with_the_same_next_losses(tmp_path):
     data = synthesize("multiref", tmp_path / "data", samples={"train": 24, "val": 4, "test": 4}).parent
     straight = _fit(tmp_path / "straight", data, 4)
     _fit(tmp_path / "first", data, 2)
-    ckpt = tmp_path / "first" / "runs" / "uniref" / "tiny" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "first" / "runs" / "uniref" / "tiny" / "latest" / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # sharded: one file per process
     resumed = _fit(tmp_path / "first", data, 4, ckpt)
     assert len(straight) == 4

@@ -295,7 +295,7 @@ def test_paper_config(path, tmp_path, data_dirs):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     losses = train_losses(tmp_path / "csv")
     assert losses and all(math.isfinite(x) for x in losses), losses
-    ckpt = tmp_path / "runs" / method / name / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "runs" / method / name / "latest" / "checkpoints" / "last.ckpt"
     meta = torch.load(ckpt / "meta.pt" if ckpt.is_dir() else ckpt, map_location="cpu", weights_only=True)
     assert meta["global_step"] == (1 if rl else STEPS)
     strategy = trainer_args(path).get("strategy") or {}

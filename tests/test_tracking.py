@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -90,3 +91,37 @@ def test_fit_logs_to_a_real_mlflow_server_over_http(in_tmp):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_compare_tells_fits_apart_and_draws_a_readable_figure(in_tmp):
+    """Three fits (one with a single point), an eval run and a noise param, in a real sqlite MLflow store."""
+    from PIL import Image
+
+    from omnilab.tracking import COMMAND_TAG, EVALUATES_TAG
+
+    uri = f"sqlite:///{in_tmp}/mlruns/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("toy")
+    ids = []
+    for i, (lr, points) in enumerate([("0.1", 5), ("0.01", 5), ("0.001", 1)]):
+        run = client.create_run(exp, run_name="tiny", tags={COMMAND_TAG: "fit"})
+        ids.append(run.info.run_id)
+        for key, value in {"model/lr": lr, "model/backbone/config/num_layers": "2", "data/data_dir": f"d{i}",
+                           "trainer/logger/tags/x": str(i), "optimizer/lr": "7"}.items():  # fmt: skip
+            client.log_param(run.info.run_id, key, value)
+        for step in range(points):
+            client.log_metric(run.info.run_id, "val/loss", 1.0 / (step + 1 + i), step=step)
+    evaluation = client.create_run(exp, run_name="tiny", tags={COMMAND_TAG: "test", EVALUATES_TAG: ids[0]})
+    client.log_metric(evaluation.info.run_id, "val/loss", 9.0, step=0)
+    out = in_tmp / "curves.png"
+    table = compare_runs("toy", "val/loss", out=out, uri=uri)
+    header, *rows, _ = table.splitlines()
+    # the differing param once, by a name no other param ends with (optimizer/lr exists); noise left out
+    assert header.split() == ["run", "id", "status", "model/lr", "val/loss"]
+    assert len(rows) == 3 and evaluation.info.run_id[:8] not in table
+    assert {row.split()[1] for row in rows} == {i[:8] for i in ids}
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert image.shape[1] >= 1000 and image.shape[0] >= 600  # 200 dpi
+    # each run's colour (C0, C1, C2) is drawn: the one-point run shows as a marker
+    for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):
+        assert (np.abs(image - colour).sum(axis=2) < 30).sum() > 20, colour

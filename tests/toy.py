@@ -124,6 +124,14 @@ class ToyModule(L.LightningModule):
             "test/loss", nn.functional.mse_loss(self.net(batch["x"]), batch["y"]), batch_size=len(batch["x"])
         )
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Append the predictions to `<default_root_dir>/predictions/toy.jsonl` (one line per sample)."""
+        out = Path(self.trainer.default_root_dir) / "predictions"
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "toy.jsonl").open("a") as f:
+            for key, y in zip(batch["__key__"], self.net(batch["x"]).tolist()):
+                f.write(json.dumps({"key": key, "y": y}) + "\n")
+
     def configure_optimizers(self) -> Any:
         """AdamW, optionally with a cosine schedule over the estimated number of steps."""
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

@@ -19,11 +19,12 @@ kind "multiref", splits.<split> = {shards, counts, samples, tasks, n_refs, sourc
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ SKIP_REASONS = (
     "names_missing_image",  # the instruction names "image k" with k > the number of inputs
 )
 PASS_THROUGH = ("editing_type", "refined_instruction", "human_indices", "ref_roles")
+RECORD_KEYS = ("input_images", "output_image", "instruction", "task_type", "id", *PASS_THROUGH)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -52,6 +54,25 @@ class SkipRecord(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+class UnknownKey(ValueError):
+    """A record key the converter does not know (a misspelt field would otherwise be silently dropped)."""
+
+
+def check_keys(record: Any, known: Iterable[str], where: str, ignored: Iterable[str] = ()) -> None:
+    """UnknownKey naming `where`, the first unknown key of a dict record and the known key it is closest to."""
+    if not isinstance(record, dict):
+        return
+    known = set(known)
+    unknown = sorted(set(record) - known - set(ignored))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownKey(
+            f"{where}: unknown key {unknown[0]!r}{hint} in a record; known keys: {', '.join(sorted(known))} "
+            f"(--ignore-keys {' '.join(unknown)} converts such records without them)"
+        )
 
 
 def default_task(n_refs: int) -> str:
@@ -249,12 +270,20 @@ def convert_jsonl(
     source: str = "edit_jsonl",
     max_refs: int = MAX_REFS,
     shard_size: int = 200,
+    ignore_keys: Iterable[str] = (),
 ) -> Report:
-    """Convert JSONL record files into `<out>/<split>-NNNNNN.tar` + index.json; return what was written."""
+    """Convert JSONL record files into `<out>/<split>-NNNNNN.tar` + index.json; return what was written.
+
+    A record key outside RECORD_KEYS (and `ignore_keys`) stops the conversion with UnknownKey before anything
+    is written: `inputs` for `input_images` would otherwise make every record a text-to-image sample.
+    """
     files = [Path(p) for p in jsonl]
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"JSONL file not found: {path}")
+    for path in files:
+        for number, record in iter_records(path):
+            check_keys(record, RECORD_KEYS, f"{path}:{number}", ignore_keys)
     shards = MultiRefShards(out, split, source, shard_size)
     for path in files:
         root = Path(image_root) if image_root is not None else path.parent
@@ -286,6 +315,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="edit_jsonl", help="json 'source' field, e.g. unipic3, omnigen2")
     parser.add_argument("--max-refs", type=int, default=MAX_REFS, help="records with more inputs are skipped")
     parser.add_argument("--shard-size", type=int, default=200, help="samples per shard")
+    parser.add_argument(
+        "--ignore-keys",
+        nargs="*",
+        default=[],
+        metavar="KEY",
+        help="record keys to drop (others are an error)",
+    )
 
 
 def convert(args: argparse.Namespace) -> Path:
@@ -298,6 +334,7 @@ def convert(args: argparse.Namespace) -> Path:
         source=args.source,
         max_refs=args.max_refs,
         shard_size=args.shard_size,
+        ignore_keys=args.ignore_keys,
     )
     print(report.summary())
     assert report.index is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
@@ -10,7 +11,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from callbacks.images import SampleGrid, SupportsSampleGrid, letterbox, make_grid, to_pil
+from callbacks.images import SampleGrid, SupportsSampleGrid, label_grid, letterbox, make_grid, to_pil
 
 
 def test_letterbox_keeps_aspect_and_centres():
@@ -141,7 +142,8 @@ def test_grids_every_n_steps_and_after_validation(tmp_path):
     ]
     # k = 2 rows; columns: 1 reference (the most among the first two samples), target, prediction
     size = Image.open(tmp_path / "samples" / "step_000004.png").size
-    assert size == logger.images[-1][2] == (3 * 16 + 4 * 4, 2 * 16 + 3 * 4)
+    # plus a 16-pixel header naming the columns (no instructions in this batch: no caption bands)
+    assert size == logger.images[-1][2] == (3 * 16 + 4 * 4, 16 + 2 * 16 + 3 * 4)
     assert grid.state_dict() == {"last_step": 4}
 
 
@@ -165,3 +167,17 @@ def test_grid_needs_the_protocol_and_resumes_its_step():
         grid._module(L.LightningModule())
     grid.load_state_dict({"last_step": 7})
     assert grid.last_step == 7
+
+
+def test_a_labelled_grid_names_its_columns_and_prints_each_instruction():
+    rows = [([torch.zeros(3, 8, 8)], torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)) for _ in range(2)]
+    grid = to_pil(make_grid(rows, cell=64, gap=4))
+    plain = label_grid(grid, 2, 1, None, cell=64, gap=4)
+    labelled = label_grid(grid, 2, 1, ["make it red", "add a hat"], cell=64, gap=4)
+    assert labelled.width == grid.width and labelled.height > plain.height > grid.height
+    image = np.asarray(labelled.convert("L")).astype(int)
+    header = image[:16]
+    assert (header < 128).sum() > 30  # the column names are drawn
+    band = image[16 + 64 : 16 + 64 + 12, : grid.width // 2]  # under the first row: its instruction
+    assert (band < 128).sum() > 10
+    assert (np.asarray(plain.convert("L"))[16 + 64 : 16 + 64 + 4] > 200).all()  # no caption: the gap is blank

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from datamodules.convert import converter
-from datamodules.convert.edit_jsonl import convert_jsonl
+from datamodules.convert.edit_jsonl import UnknownKey, convert_jsonl
 from datamodules.convert.mico150k import convert_parquet
 from datamodules.multiref import MultiRefDataModule
 from datamodules.webdataset import decode_sample, iter_raw_samples
+from omnilab.cli import main
 
 
 def encoded(fmt, w=40, h=36, value=0):
@@ -213,3 +214,25 @@ def test_converting_into_a_folder_of_another_kind_is_refused_before_touching_it(
     with pytest.raises(ValueError, match="of kind 'correspondence'"):
         convert_jsonl([path], out)
     assert (out / "train-000000.tar").read_bytes() == b"other data"
+
+
+def test_an_unknown_record_key_stops_the_conversion_naming_it(tmp_path):
+    """`inputs` for `input_images` would make every record a text-to-image sample: refused, nothing written."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "edits.jsonl"
+    record = {"inputs": ["a.png"], "output_image": "a.png", "instruction": "make it red"}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(
+        UnknownKey, match=r"edits.jsonl:1: unknown key 'inputs' \(did you mean 'input_images'\?\)"
+    ):
+        convert_jsonl([path], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    report = convert_jsonl([path], tmp_path / "out", ignore_keys=["inputs"])  # asked: the key is dropped
+    assert report.samples == 1
+
+
+def test_a_converter_help_shows_its_own_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "convert", "edit_jsonl", "--help"])
+    out = capsys.readouterr().out
+    assert "omnilab data convert edit_jsonl" in out and "--jsonl" in out and "--ignore-keys" in out

@@ -67,7 +67,7 @@ def test_mico_bench_scores_records_failures_and_a_rerun_asks_the_judge_nothing(t
         config = bench_config(tmp_path, server.base_url)
         main(["test", "--config", BASE, "--config", config])
         calls = server.count
-        summary = json.loads((tmp_path / "runs/mico/bench/bench/summary.json").read_text())
+        summary = json.loads((tmp_path / "runs/mico/bench/latest/bench/summary.json").read_text())
         main(["test", "--config", BASE, "--config", config])
         assert server.count == calls  # every answer came from the cache
     # hoi/0: W = 1 (two yes), SC = sqrt(9 * 6), PQ = sqrt(8 * 7): final = sqrt(3024) = 54.99
@@ -77,10 +77,10 @@ def test_mico_bench_scores_records_failures_and_a_rerun_asks_the_judge_nothing(t
     assert (task["status/ok"], task["status/missing_image"], task["status/not_json"]) == (1, 1, 1)
     assert summary["partitions"]["category"]["human_object/final"] == pytest.approx(math.sqrt(3024))
     assert summary["version"] == "v3" and summary["judge"] == "judge"
-    case = json.loads((tmp_path / "runs/mico/bench/bench/cases/mico_bench_dere/2.json").read_text())
+    case = json.loads((tmp_path / "runs/mico/bench/latest/bench/cases/mico_bench_dere/2.json").read_text())
     assert case["status"] == "not_json" and case["answers"]["sc"] == "I cannot tell." and "final" not in case
-    assert (tmp_path / "runs/mico/bench/bench/grids/mico_bench_hoi.png").is_file()
-    assert "| mico_bench_hoi | 1 |" in (tmp_path / "runs/mico/bench/bench/summary.md").read_text()
+    assert (tmp_path / "runs/mico/bench/latest/bench/grids/mico_bench_hoi.png").is_file()
+    assert "| mico_bench_hoi | 1 |" in (tmp_path / "runs/mico/bench/latest/bench/summary.md").read_text()
 
 
 def test_a_checkpoint_brings_its_own_editor_and_weights(tmp_path):
@@ -124,7 +124,7 @@ def test_make_eval_with_ckpt_path_benchmarks_that_checkpoint(tmp_path):
              f"--data.init_args.data_dir={tmp_path}/data", "--data.init_args.synth_samples={train: 4, val: 4, test: 8}",
              "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
         )  # fmt: skip
-    summary = json.loads((tmp_path / "runs/gedit/tiny/bench/summary.json").read_text())
+    summary = json.loads((tmp_path / "runs/gedit/tiny/latest/bench/summary.json").read_text())
     values = summary["partitions"]["all"]
     assert (
         values["count"] == 2 and values["cases/sc"] == 5 and values["cases/o"] == pytest.approx(math.sqrt(40))

@@ -39,7 +39,7 @@ def load(path: Path) -> dict:
 
 def test_last_ckpt_follows_every_interval_and_the_end_not_only_improvements(in_tmp):
     exp = toy_experiment(in_tmp)
-    ckpts = in_tmp / "runs" / "toy" / "tiny" / "checkpoints"
+    ckpts = in_tmp / "runs" / "toy" / "tiny" / "latest" / "checkpoints"
     # mode=max on a falling loss: only the first validation (step 3 of 3-batch epochs) "improves"
     args = ["fit", "--config", str(exp), "--checkpoint.mode=max", "--test_after_fit=false",
             "--trainer.max_epochs=-1", "--trainer.max_steps=10"]  # fmt: skip
@@ -47,8 +47,8 @@ def test_last_ckpt_follows_every_interval_and_the_end_not_only_improvements(in_t
         main([*args, "--trainer.callbacks+=tests.test_resume.Crash", "--trainer.callbacks.step=8"])
     assert load(ckpts / "best.ckpt")["global_step"] == 3
     assert load(ckpts / "last.ckpt")["global_step"] == 6  # the last interval before the crash, not step 3
-    main(args)
-    assert load(ckpts / "last.ckpt")["global_step"] == 10  # the end (no validation at step 10)
+    main([*args, "--ckpt_path", "latest"])
+    assert load(ckpts / "last.ckpt")["global_step"] == 10  # the end (validated there too: issue 12 item 5)
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]  # no last-v1.ckpt
 
 
@@ -157,15 +157,25 @@ def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_whole(in_tmp):
 
 def test_the_checkpoint_callback_cleans_stale_temp_files_at_start(in_tmp):
     exp = toy_experiment(in_tmp)
-    ckpts = in_tmp / "runs" / "toy" / "tiny" / "checkpoints"
-    ckpts.mkdir(parents=True)
+    main(
+        [
+            "fit",
+            "--config",
+            str(exp),
+            "--trainer.max_steps=1",
+            "--trainer.max_epochs=-1",
+            "--test_after_fit=false",
+        ]
+    )
+    ckpts = in_tmp / "runs" / "toy" / "tiny" / "latest" / "checkpoints"
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     stale = ckpts / f".last.ckpt.{int(dead.stdout)}.abc123.tmp"
-    stale.write_bytes(b"partial")
-    main(["fit", "--config", str(exp), "--trainer.max_steps=1", "--test_after_fit=false"])
-    assert not stale.exists() and (ckpts / "last.ckpt").exists()
+    stale.write_bytes(b"partial")  # a writer killed mid-write; the run is resumed
+    main(["fit", "--config", str(exp), "--trainer.max_steps=2", "--trainer.max_epochs=-1", "--test_after_fit=false",
+          "--ckpt_path=latest"])  # fmt: skip
+    assert not stale.exists() and load(ckpts / "last.ckpt")["global_step"] == 2
 
 
 # --- item 9: problems found before any work
@@ -180,9 +190,7 @@ def test_an_unwritable_checkpoint_folder_stops_before_any_work(in_tmp, capsys):
               "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger", f"--trainer.logger.tracking_uri={uri}"])  # fmt: skip
     err = capsys.readouterr().err
     assert "checkpoint folder" in err and "blocker/checkpoints" in err and "not writable" in err
-    assert (
-        not (in_tmp / "mlruns").exists() and not (in_tmp / "runs" / "toy" / "tiny" / "config.yaml").exists()
-    )
+    assert not (in_tmp / "mlruns").exists() and not list((in_tmp / "runs").rglob("config.yaml"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -203,7 +211,7 @@ def test_eval_with_a_missing_checkpoint_stops_before_building_or_tracking(in_tmp
     exp.write_text(yaml.safe_dump(config))
     uri = f"sqlite:///{in_tmp}/mlruns/mlflow.db"
     with pytest.raises(SystemExit):
-        main(["test", "--config", str(exp), "--ckpt_path", "runs/toy/tiny/checkpoints/best.ckpt",
+        main(["test", "--config", str(exp), "--ckpt_path", "runs/toy/tiny/some-run/checkpoints/best.ckpt",
               "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger", f"--trainer.logger.tracking_uri={uri}"])  # fmt: skip
     assert "no such checkpoint file" in capsys.readouterr().err
     assert not (in_tmp / "mlruns").exists() and not (in_tmp / "trace").exists()

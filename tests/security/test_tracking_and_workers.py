@@ -108,7 +108,7 @@ def test_a_resumed_fit_continues_its_run_and_a_dead_run_is_marked_killed(in_tmp)
     # what a kill -9 leaves behind: RUNNING, owned by a process that is gone
     client.update_run(run.info.run_id, status="RUNNING")
     client.set_tag(run.info.run_id, PROCESS_TAG, f"{dead_pid()}@{socket.gethostname()}")
-    main([*args, "--ckpt_path", "runs/toy/tiny/checkpoints/last.ckpt"])
+    main([*args, "--ckpt_path", "runs/toy/tiny/latest/checkpoints/last.ckpt"])
     (resumed,) = client.search_runs([experiment])  # the same run, continued
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert resumed.data.tags["omnilab.resumes"] == "1" and resumed.data.tags["resumed/ckpt_path"].endswith(
