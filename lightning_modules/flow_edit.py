@@ -77,6 +77,19 @@ def flow_loss(pred: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
     return squared / sum(t.numel() for t in target)
 
 
+def autoencoder_loss(recon: Sequence[Tensor], images: Sequence[Tensor], latents: Sequence[Tensor]) -> Tensor:
+    """Fitting a random-init VAE: pixel MSE + mean(z)² + (std(z) − 1)² over all normalised latents.
+
+    The moment term keeps the latents the DiT sees near zero mean and unit variance (what the pretrained
+    VAEs' normalisation constants do), so the flow's noise scale fits them.
+    """
+    mse = sum(((r.float() - x.float()) ** 2).sum() for r, x in zip(recon, images)) / sum(
+        x.numel() for x in images
+    )
+    z = torch.cat([t.float().flatten() for t in latents])
+    return mse + z.mean() ** 2 + (z.std() - 1) ** 2
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int | None, schedule: str = "constant") -> float:
     """lr multiplier: (step + 1) / warmup during warm-up, then 1 (constant) or ½(1 + cos(π·progress)) (cosine).
 
@@ -158,6 +171,14 @@ class LatentCodec(nn.Module):
             for i, xi in zip(idx, x.float().clamp(-1, 1)):
                 out[i] = xi
         return out  # type: ignore[return-value]
+
+    def round_trip(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(decode(encode(x)) unclamped, the normalised latents) of a [B, 3, H, W] batch, with gradients."""
+        if self.video:
+            z = (self.vae.encode(x[:, :, None]).latent_dist.mode()[:, :, 0] - self.mean) / self.std
+            return self.vae.decode((z * self.std + self.mean)[:, :, None]).sample[:, :, 0], z
+        z = (self.vae.encode(x).latent_dist.mode() - self.shift) * self.scale
+        return self.vae.decode(z / self.scale + self.shift).sample, z
 
     def _device(self) -> torch.device:
         return next(self.vae.parameters()).device
@@ -261,6 +282,11 @@ class FlowEdit(L.LightningModule):
         val_sigmas: The fixed sigmas of `val/loss` (noise seeded by sample key).
         val_sample_steps: Sampling steps of `val/pixel_mse` (first validation batch only).
         predictions_dir: Where `predict` writes `<key>.png` (default `<default_root_dir>/predictions`).
+        vae_fit_steps: A random-init VAE (`vae: {config: ...}`) decodes anything to static, so nothing the DiT
+            learns would show in pixels: with N > 0 a fresh fit first trains it for N Adam steps as an
+            autoencoder on the training targets (`autoencoder_loss`), then freezes it (the tiny runs; the
+            fitted weights go into the checkpoints). Ignored for a pretrained VAE and on resume.
+        vae_fit_lr: The learning rate of that fit.
     """
 
     def __init__(
@@ -284,6 +310,8 @@ class FlowEdit(L.LightningModule):
         val_sigmas: tuple[float, ...] = (0.25, 0.5, 0.75),
         val_sample_steps: int = 4,
         predictions_dir: str | None = None,
+        vae_fit_steps: int = 0,
+        vae_fit_lr: float = 2e-3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -319,6 +347,7 @@ class FlowEdit(L.LightningModule):
         self.gradient_checkpointing, self.seed = gradient_checkpointing, seed
         self.val_sigmas, self.val_sample_steps = tuple(val_sigmas), val_sample_steps
         self.predictions_dir = predictions_dir
+        self.vae_fit_steps, self.vae_fit_lr = vae_fit_steps, vae_fit_lr
         # built in configure_model()
         self.backbone: PackedDiT | None = None
         self.codec: LatentCodec | None = None
@@ -358,6 +387,54 @@ class FlowEdit(L.LightningModule):
         self._reloadable = {
             name for name, p in self.named_parameters() if not p.requires_grad and self._from_pretrained(name)
         }
+
+    def on_fit_start(self) -> None:
+        """Fit a random-init VAE first (`vae_fit_steps`), on a fresh run only (a resumed one has it in its checkpoint)."""
+        if self.vae_fit_steps <= 0 or self.vae_spec.get("pretrained") is not None:
+            return
+        if self.global_step > 0 or self.trainer.ckpt_path is not None or self.trainer.datamodule is None:
+            return
+        if self.trainer.world_size > 1:  # each rank would fit a different VAE on its own data
+            raise ValueError(
+                f"model.vae_fit_steps={self.vae_fit_steps} fits the VAE in one process, this run has "
+                f"{self.trainer.world_size}: fit it in a single-process run, or give a pretrained VAE"
+            )
+        mse = self.fit_vae(self.trainer.datamodule.train_dataloader(), self.vae_fit_steps, self.vae_fit_lr)
+        if self.logger is not None:
+            self.logger.log_metrics({"vae/recon_mse": mse}, step=0)
+
+    def fit_vae(self, loader: Any, steps: int, lr: float) -> float:
+        """Train the VAE as an autoencoder on the batches' targets for `steps` Adam steps, then freeze it.
+
+        Returns the last step's pixel MSE (images in [-1, 1]).
+        """
+        from rich.progress import track
+
+        vae = self.codec.vae
+        vae.requires_grad_(True)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+        batches, mse = iter(loader), float("nan")
+        with torch.enable_grad():
+            for _ in track(range(steps), description="fitting the tiny VAE", transient=True):
+                batch = next(batches, None)
+                if batch is None:
+                    batches = iter(loader)
+                    batch = next(batches)
+                images = list(batch["target"])  # the references come from the same images: targets suffice
+                recon, inputs, latents = [], [], []
+                for idx in _group_by_shape(images).values():
+                    x = torch.stack([images[i] for i in idx]).to(self.device)
+                    y, z = self.codec.round_trip(x)
+                    recon.append(y)
+                    inputs.append(x)
+                    latents.append(z)
+                loss = autoencoder_loss(recon, inputs, latents)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                mse = float(flow_loss([r.detach() for r in recon], inputs))
+        vae.requires_grad_(False).eval()
+        return mse
 
     def setup(self, stage: str) -> None:
         """Record the attention backend with the run (when the model was built before the trainer)."""
@@ -588,7 +665,12 @@ class FlowEdit(L.LightningModule):
         self.evaluate(batch, batch_idx, "test")
 
     def evaluate(self, batch: dict[str, Any], batch_idx: int, split: str) -> None:
-        """<split>/loss: the flow loss at `val_sigmas`, noise seeded by sample key; <split>/pixel_mse on batch 0."""
+        """<split>/loss: the flow loss at `val_sigmas`, noise seeded by sample key; on batch 0 <split>/pixel_mse.
+
+        Beside it <split>/pixel_mse_mean_colour: the MSE of a flat image of each target's own mean colour, the
+        trivial baseline a model that ignores its inputs' content reaches at best; a model that uses its
+        references and instruction is below it.
+        """
         refs, x0 = self.encode_batch(batch)
         keys = _keys(batch)
         text = self.text_encoder(batch["instruction"], batch["refs"])
@@ -605,7 +687,12 @@ class FlowEdit(L.LightningModule):
             losses.append(flow_loss(self.backbone(x_sigma, refs, sigma, text, max_tokens=max_tokens), target))
         size = len(x0)
         self.log(f"{split}/loss", torch.stack(losses).mean(), batch_size=size, sync_dist=True)
-        if batch_idx == 0 and self.val_sample_steps > 0:
+        if batch_idx == 0 and self.val_sample_steps > 0:  # the baseline: each target's own mean colour, flat
+            targets = [t.to(self.device) for t in batch["target"]]
+            flat = [t.mean((-2, -1), keepdim=True).expand_as(t) for t in targets]
+            self.log(
+                f"{split}/pixel_mse_mean_colour", flow_loss(flat, targets), batch_size=size, sync_dist=True
+            )
             images = self.sample(
                 batch["refs"],
                 batch["instruction"],
@@ -613,7 +700,7 @@ class FlowEdit(L.LightningModule):
                 steps=self.val_sample_steps,
                 generator=[torch_generator(self.seed, "val-sample", k) for k in keys],
             )
-            mse = flow_loss(images, [t.to(self.device) for t in batch["target"]])
+            mse = flow_loss(images, targets)
             self.log(f"{split}/pixel_mse", mse, batch_size=size, sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Tensor]:

@@ -109,6 +109,7 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
             f"--data.init_args.data_dir={in_tmp}/data",
             "--data.init_args.synth_samples={train: 16, val: 4, test: 4}",
             "--trainer.max_steps=3", "--trainer.limit_val_batches=1", f"--trainer.limit_test_batches={tests}",
+            *(["--model.init_args.vae_fit_steps=2"] if model_args(path).get("vae_fit_steps") else []),
             "--trainer.val_check_interval=3", "--trainer.check_val_every_n_epoch=null",
             *([] if test_only else ["--trainer.callbacks+=tests.test_experiments.FitProbe"]),
         ]

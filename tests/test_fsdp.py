@@ -165,6 +165,7 @@ def _fit(root: Path, data: Path, max_steps: int, ckpt: Path | None = None) -> li
     """`omnilab fit` of uniref/tiny (EMA, budget schedule) under FSDP per block on 2 processes; rank 0's losses."""
     csv_dir = root / ("csv-resumed" if ckpt is not None else "csv")
     config = {**FSDP_OVERRIDE, "data": {"init_args": {"data_dir": str(data), "num_workers": 0}}}
+    config["model"] = {"init_args": {"vae_fit_steps": 0}}  # the VAE fit runs in one process only
     config["trainer"] = {
         **FSDP_OVERRIDE["trainer"],
         "max_steps": max_steps,

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from callbacks.images import SupportsSampleGrid
 from lightning_modules.components.flow import resolution_shift
-from lightning_modules.flow_edit import FlowEdit, LatentCodec, flow_loss, lr_factor
+from lightning_modules.flow_edit import FlowEdit, LatentCodec, autoencoder_loss, flow_loss, lr_factor
 from tests.lightning_modules.test_text import CLIP, QWEN_VL, SHORT_CLIP, T5
 
 C = 16  # latent channels (SD3 / FLUX / Qwen-Image VAEs)
@@ -149,6 +149,14 @@ def test_flow_loss_weights_samples_by_element_count():
     pred = [torch.zeros(1, 1, 2), torch.zeros(1, 1, 1)]
     target = [torch.ones(1, 1, 2), torch.full((1, 1, 1), 4.0)]
     assert flow_loss(pred, target).item() == pytest.approx(6.0)  # the per-sample mean would be 8.5
+
+
+def test_autoencoder_loss_by_hand():
+    # pixels (1, -1) reconstructed as (0, 0): MSE 1; latents (1, 3): mean 2 -> 4, std sqrt(2) -> (sqrt(2) - 1)^2
+    loss = autoencoder_loss(
+        [torch.zeros(1, 1, 2)], [torch.tensor([[[1.0, -1.0]]])], [torch.tensor([1.0, 3.0])]
+    )
+    assert float(loss) == pytest.approx(1 + 4 + (math.sqrt(2) - 1) ** 2)
 
 
 def test_lr_factor_warmup_then_constant_or_cosine():
@@ -404,6 +412,33 @@ def test_validation_loss_is_the_same_across_runs(tmp_path):
         results.append(L.Trainer(**QUIET).validate(model, loader(batch), verbose=False)[0])
     assert results[0]["val/loss"] == results[1]["val/loss"]
     assert results[0]["val/pixel_mse"] == results[1]["val/pixel_mse"] and results[0]["val/pixel_mse"] > 0
+    # the baseline: each target against a flat image of its own mean colour, pooled over the batch's pixels
+    targets = batch["target"]
+    spread = sum(float(((t - t.mean((1, 2), keepdim=True)) ** 2).sum()) for t in targets)
+    expected = spread / sum(t.numel() for t in targets)
+    assert results[0]["val/pixel_mse_mean_colour"] == pytest.approx(expected, rel=1e-5)
+
+
+def smooth_batch() -> dict:
+    """Two 16x16 targets a small VAE can learn: a flat colour with a brighter square."""
+    batch = make_batch(2, side=16)
+    batch["target"] = [torch.full((3, 16, 16), v) for v in (-0.5, 0.3)]
+    for x in batch["target"]:
+        x[:, 4:10, 4:10] = 0.8
+    return batch
+
+
+def test_fit_vae_learns_to_reconstruct_then_freezes_and_leaves_the_dit_alone():
+    model = tiny("qwen_image_edit")
+    batch = smooth_batch()
+    images = batch["target"]
+    before = float(flow_loss(model.codec.decode(model.codec.encode(images)), images))
+    dit = [p.detach().clone() for p in model.backbone.parameters()]
+    model.fit_vae(loader(batch, 2), steps=40, lr=5e-3)  # the loader runs dry after 2 batches: it restarts
+    after = float(flow_loss(model.codec.decode(model.codec.encode(images)), images))
+    assert after < before / 2, (before, after)
+    assert not any(p.requires_grad for p in model.codec.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(dit, model.backbone.parameters()))
 
 
 def test_predict_writes_pngs(tmp_path):
