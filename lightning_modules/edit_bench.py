@@ -230,9 +230,8 @@ class EditBench(L.LightningModule):
                 ensure_init_checkpoint(self.init_checkpoint, self.init_experiment, ["--trainer.logger=false"])
             if trainer is not None:
                 trainer.strategy.barrier("edit_bench_init_checkpoint")
-            checkpoint = torch.load(
-                resolve_latest(self.init_checkpoint), map_location="cpu", weights_only=True
-            )
+            path = resolve_latest(self.init_checkpoint)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             spec = self._spec() if self.editor_spec is not None else editor_from_checkpoint(checkpoint)
             self.editor = build_editor(spec)
             load_editor_weights(self.editor, checkpoint)

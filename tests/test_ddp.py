@@ -83,8 +83,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(shards):
         assert [line["step"] for line in train] == list(range(10))
         assert train[3]["params"] == train[2]["params"] != train[1]["params"]  # step 2 changed nothing
         assert train[4]["params"] != train[3]["params"]
-    ckpt = torch.load(
-        root / "runs" / "default" / "run" / "latest" / "checkpoints" / "last.ckpt", weights_only=True
-    )
+    last_ckpt = root / "runs" / "default" / "run" / "latest" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last_ckpt, weights_only=True)
     (health,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("RunHealth")]
     assert health == {"skipped": 1, "consecutive": 0}

@@ -129,9 +129,8 @@ def test_tiny_experiment_fits_and_tests(path, in_tmp):
         assert math.isfinite(tested["test/iou"]), probe
     else:  # each method logs its own headline metrics (loss, accuracy, PSNR ...): at least one is a number
         assert any(math.isfinite(v) for v in tested.values()), probe
-    last = torch.load(
-        in_tmp / "runs" / method / name / "latest" / "checkpoints" / "last.ckpt", weights_only=True
-    )
+    last_ckpt = in_tmp / "runs" / method / name / "latest" / "checkpoints" / "last.ckpt"
+    last = torch.load(last_ckpt, weights_only=True)
     assert last["global_step"] == 3
 
 
