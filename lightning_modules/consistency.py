@@ -85,6 +85,22 @@ def load_backbone_weights(module: nn.Module, path: str | Path, what: str, ema: b
     print(f"loaded the {what} weights{' (EMA)' if ema else ''} from {path}", flush=True)
 
 
+def load_codec_weights(codec: nn.Module, path: str | Path) -> bool:
+    """Load a checkpoint's `codec.*` weights (a config-built VAE fitted by the teacher's run) into `codec`.
+
+    The student must decode in the latent space its teacher was trained in; a checkpoint without codec weights
+    (a pretrained VAE, left out of checkpoints) loads nothing and returns False.
+    """
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    weights = {
+        k[len("codec.") :]: v for k, v in (ckpt.get("state_dict") or {}).items() if k.startswith("codec.")
+    }
+    if not weights:
+        return False
+    codec.load_state_dict(weights)
+    return True
+
+
 def same_architecture(a: nn.Module, b: nn.Module) -> list[str]:
     """The config keys on which two diffusers transformers differ (empty when they are the same model)."""
     ca = {k: v for k, v in dict(getattr(a, "config", {})).items() if k not in _CONFIG_NOISE}
@@ -162,6 +178,8 @@ class FewStepDistill(FlowEdit):
         if self.init_checkpoint is not None:
             path = self._teacher_path()
             load_backbone_weights(self.teacher, path, "init_checkpoint", self.init_ema)
+            if self.vae_spec.get("pretrained") is None and not Path(path).is_dir():
+                load_codec_weights(self.codec, path)  # the teacher's (fitted) VAE: the same latent space
             if self.init_student is None:
                 self.backbone.model.load_state_dict(self.teacher.model.state_dict())
         if self.init_student is not None:

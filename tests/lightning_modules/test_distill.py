@@ -254,3 +254,16 @@ def test_gan_head_is_refused_and_critic_updates_checked():
         DMD(**QWEN, gan={"weight": 5e-3})
     with pytest.raises(ValueError, match="critic_updates"):
         DMD(**QWEN, critic_updates=0)
+
+
+def test_the_student_decodes_with_its_teachers_fitted_vae(tmp_path):
+    from lightning_modules.consistency import load_codec_weights
+
+    teacher_vae, student_vae = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    state = {f"codec.{k}": v for k, v in teacher_vae.state_dict().items()}
+    torch.save({"state_dict": {**state, "backbone.x": torch.zeros(1)}}, tmp_path / "fitted.ckpt")
+    torch.save({"state_dict": {"backbone.x": torch.zeros(1)}}, tmp_path / "pretrained_vae.ckpt")
+    assert not load_codec_weights(student_vae, tmp_path / "pretrained_vae.ckpt")
+    assert not torch.equal(student_vae.weight, teacher_vae.weight)
+    assert load_codec_weights(student_vae, tmp_path / "fitted.ckpt")
+    assert torch.equal(student_vae.weight, teacher_vae.weight)
