@@ -48,7 +48,7 @@ from lightning_modules.components.packed_dit import (
 )
 from lightning_modules.components.text import TextEncoder, build_text_encoder
 from omnilab.attention import apply_attention
-from omnilab.fsdp import clip_grad_norm, is_sharded_state
+from omnilab.fsdp import FSDPNormClipping, is_sharded_state
 from omnilab.seeding import torch_generator
 
 Family = Literal["sd3_kontext", "qwen_image_edit", "flux_kontext"]
@@ -243,7 +243,7 @@ SAMPLER_DEFAULTS: Sampler = {
 }
 
 
-class FlowEdit(L.LightningModule):
+class FlowEdit(FSDPNormClipping, L.LightningModule):
     """Flow-matching editing/composition (UniRef SFT, UniPic2-SD3.5M-Kontext, UniPic 3.0, Qwen-MICo).
 
     Args:
@@ -832,18 +832,6 @@ class FlowEdit(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Lightning's clipping; norm clipping under FSDP through FSDP's own (Lightning's FSDP plugin refuses it)."""
-        norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
-        if norm and clip_grad_norm(self.trainer, gradient_clip_val):
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _keys(batch: dict[str, Any]) -> list[str]:

@@ -46,7 +46,7 @@ from lightning_modules.components.image_tokens import CELL_PIXELS, ImageTokenLay
 from lightning_modules.components.tokenizers import IMAGE_PLACEHOLDER, RESTORATION_INSTRUCTION, load_tokenizer
 from lightning_modules.components.vq import LlamaGenVQModel
 from metrics.restoration import RestorationMetrics
-from omnilab.fsdp import clip_grad_norm
+from omnilab.fsdp import FSDPNormClipping
 from omnilab.seeding import derive_seed
 
 INSTRUCTION = f"{RESTORATION_INSTRUCTION} {IMAGE_PLACEHOLDER}"
@@ -185,7 +185,7 @@ class Restoration:
 # --- the module -----------------------------------------------------------------------------------------
 
 
-class PURE(L.LightningModule):
+class PURE(FSDPNormClipping, L.LightningModule):
     """PURE: instruction-tuned autoregressive SR (perceive the degradation, describe, restore the image tokens).
 
     Args:
@@ -415,18 +415,6 @@ class PURE(L.LightningModule):
             if bool(valid.any()):
                 out["image_ce"] = F.cross_entropy(logits[:, :-1][valid].float(), labels[:, 1:][valid])
         return out
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Lightning's clipping; norm clipping under FSDP through FSDP's own (Lightning's FSDP plugin refuses it)."""
-        norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
-        if norm and clip_grad_norm(self.trainer, gradient_clip_val):
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         """AdamW, linear warm-up over `warmup_fraction` of the steps, then a half-cycle cosine to `min_lr`."""

@@ -176,6 +176,22 @@ def run_in_root(trainer: Any, module: nn.Module, method: str, *args: Any, **kwar
         return strategy._forward_redirection(wrapped, module, method, *args, **kwargs)
 
 
+class FSDPNormClipping:
+    """LightningModule mixin: norm clipping that also works under FSDP (through `clip_grad_norm` below)."""
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping; norm clipping under FSDP through FSDP's own (Lightning's FSDP plugin refuses it)."""
+        norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if norm and clip_grad_norm(self.trainer, gradient_clip_val):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
 def clip_grad_norm(trainer: Any, max_norm: float) -> bool:
     """Clip the gradients' global norm to `max_norm` with FSDP's own `clip_grad_norm_` (over all shards).
 
