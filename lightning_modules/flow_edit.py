@@ -445,13 +445,17 @@ class FlowEdit(FSDPNormClipping, L.LightningModule):
         if self.attention_backend is not None and self._trainer is not None and self.logger is not None:
             self.logger.log_hyperparams({"attention/backend": self.attention_backend})
 
-    def _from_pretrained(self, name: str) -> bool:
-        """Whether parameter `name` was loaded from a `pretrained` source (so a checkpoint can omit it)."""
-        for prefix, spec in (
+    def _pretrained_parts(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """(parameter-name prefix, its spec) of each part that may come from a `pretrained` source."""
+        return (
             ("codec.", self.vae_spec),
             ("text_encoder.", self.text_spec),
             ("backbone.", self.backbone_spec),
-        ):
+        )
+
+    def _from_pretrained(self, name: str) -> bool:
+        """Whether parameter `name` was loaded from a `pretrained` source (so a checkpoint can omit it)."""
+        for prefix, spec in self._pretrained_parts():
             if name.startswith(prefix):
                 return spec.get("pretrained") is not None
         return False

@@ -60,6 +60,15 @@ def weighted_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tenso
     return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
 
 
+def log_task_losses(module: Any, losses: dict[str, Tensor], weights: dict[str, float], size: int) -> Tensor:
+    """`weighted_loss` of a training step, logged as `train/loss` beside each task's `train/loss_<task>`."""
+    loss = weighted_loss(losses, weights)
+    for name, value in losses.items():
+        module.log(f"train/loss_{name}", value, batch_size=size)
+    module.log("train/loss", loss, batch_size=size)
+    return loss
+
+
 def option_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     """log p(answer | prompt) per row: Σ_{t ∈ A} log softmax(logits_{t−1})[x_t] over the labelled tokens A (fp32)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -324,16 +333,13 @@ class MetaQuery(FlowEdit):
         }
         self.train(self.training)
 
-    def _from_pretrained(self, name: str) -> bool:
-        """Whether parameter `name` was loaded from a `pretrained` source (so a checkpoint can omit it)."""
-        for prefix, spec in (
+    def _pretrained_parts(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """FlowEdit's parts with the VLM in the text encoder's place."""
+        return (
             ("codec.", self.vae_spec),
             ("text_encoder.vlm.", self.vlm_spec),
             ("backbone.", self.backbone_spec),
-        ):
-            if name.startswith(prefix):
-                return spec.get("pretrained") is not None
-        return False
+        )
 
     def train(self, mode: bool = True) -> MetaQuery:
         """Train mode for the trainable parts; the VAE, and a frozen DiT or VLM, stay in eval mode."""
@@ -462,12 +468,7 @@ class MetaQuery(FlowEdit):
         """L = Σ_k w_k L_k over text-to-image, editing (flow matching) and understanding (next token)."""
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
         losses = self.task_losses(batch, "train", self.global_step, micro, self.global_rank)
-        loss = weighted_loss(losses, self.task_weights)
-        size = len(batch["image"])
-        for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, batch_size=size)
-        self.log("train/loss", loss, batch_size=size)
-        return loss
+        return log_task_losses(self, losses, self.task_weights, len(batch["image"]))
 
     def evaluate(self, batch: dict[str, Any], batch_idx: int, split: str) -> None:
         """<split>/loss_<task> at `val_sigmas` (noise by key), <split>/loss, and <split>/accuracy of the options."""

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.flow_edit import Sampler, Timesteps
-from lightning_modules.metaquery import Connector, MetaQuery, log_accuracy, weighted_loss
+from lightning_modules.metaquery import Connector, MetaQuery, log_accuracy, log_task_losses
 from omnilab.seeding import torch_generator
 
 REPRESENTATIONS = ("pixel", "depth", "seg")
@@ -139,12 +139,7 @@ class UniMRG:
         """L = Σ_k w_k L_k over understanding and the pixel, depth and segmentation generation tasks."""
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
         losses = self.task_losses(batch, "train", self.global_step, micro, self.global_rank)
-        loss = weighted_loss(losses, self.weights)
-        size = len(batch["image"])
-        for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, batch_size=size)
-        self.log("train/loss", loss, batch_size=size)
-        return loss
+        return log_task_losses(self, losses, self.weights, len(batch["image"]))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """val/accuracy (and per question type) of the model's option choice; val/loss_understanding."""
