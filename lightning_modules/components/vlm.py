@@ -217,6 +217,15 @@ class VisionLanguageModel(nn.Module):
             moved["pixel_values"] = moved["pixel_values"].to(self.dtype)
         return moved
 
+    def forward(self, inputs: dict[str, Tensor], logits: bool = False) -> Tensor:
+        """The last hidden states [B, T, D] of a batch of `inputs` (with `logits`: the LM head's logits [B, T, V]).
+
+        The call to use where the VLM may be an FSDP unit of its own (a frozen VLM: omnilab/fsdp.py): FSDP gathers
+        a unit's weights in its forward, not in `hidden_states` / `logits` called on the wrapped module.
+        """
+        hidden = self.hidden_states(inputs)
+        return self.logits(hidden) if logits else hidden
+
     def hidden_states(self, inputs: dict[str, Tensor]) -> Tensor:
         """The last hidden states [B, T, D] of the language model (the LM head is not run)."""
         args = {k: v for k, v in inputs.items() if k != "labels"}
