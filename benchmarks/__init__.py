@@ -27,6 +27,5 @@ BENCHMARKS: dict[str, str] = {
     "distill_speed": "UniPic 3.0: 8-step student vs 50-step true-CFG teacher sampling (NFE, wall-clock); DMD critic vs student step",
     "pure_replication": "PURE mini-replication: entropy vs fixed top-k vs greedy; perceive-understand-restore vs restore-only",
     "latent_cache": "FlowEdit training step on cached latents and text states vs on the images: step-time ratio",
-    "unimrg_replication": "UniMRG: understanding accuracy with / without pixel, depth, seg generation; MetaQuery connector vs joint",
 }
 NEEDS_CUDA = {"gpu"}  # `omnilab bench` without names skips these where CUDA is missing
