@@ -182,7 +182,7 @@ class MetaQueryEncoder(TextEncoder):
         inputs["input_ids"] = torch.cat([inputs["input_ids"], queries], 1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(queries)], 1)
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(queries)], 1)
-        states = self.vlm.hidden_states(inputs)[:, -n:]
+        states = self.vlm(inputs)[:, -n:]
         hidden, pooled = self.connector(states.to(self.connector.proj_in.weight.dtype))
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return TextConditioning(hidden, mask, pooled)
@@ -410,7 +410,7 @@ class MetaQuery(FlowEdit):
         """Next-token cross-entropy of the answers given each image and question (the VLM's LM head)."""
         convs = [Conversation(images=[x], text=q, answer=a) for x, q, a in zip(images, questions, answers)]
         inputs = self.vlm.inputs(convs, with_answer=True)
-        return lm_loss(self.vlm.logits(self.vlm.hidden_states(inputs)), inputs["labels"])
+        return lm_loss(self.vlm(inputs, logits=True), inputs["labels"])
 
     @torch.no_grad()
     def choose(
@@ -425,7 +425,7 @@ class MetaQuery(FlowEdit):
         if not convs:
             return []
         inputs = self.vlm.inputs(convs, with_answer=True)
-        scores = option_logprobs(self.vlm.logits(self.vlm.hidden_states(inputs)), inputs["labels"]).tolist()
+        scores = option_logprobs(self.vlm(inputs, logits=True), inputs["labels"]).tolist()
         best: list[int] = []
         pos = 0
         for opts in options:

@@ -13,11 +13,13 @@ config by class path with the block families it wraps:
           {class_path: omnilab.fsdp.BlockPolicy, init_args: {blocks: [qwen_image], trainable_only: true}}
 
 Units, from the inside out:
-- every block of the named families (`BLOCKS`: the DiT blocks of SD3, Qwen-Image and FLUX, the Qwen2.5-VL
-  decoder layers and vision blocks, T5 and CLIP layers, the DINOv3 ViT layers and ConvNeXt layers);
-- each frozen part (`frozen_parts`): a direct child of the LightningModule whose parameters all have
-  requires_grad False when the model is wrapped (FlowEdit's VAE codec and text encoder) is a unit of its own,
-  so it is sharded apart from the trainable units and never shares a flat parameter with them;
+- every block of the named families (`BLOCKS`: the DiT blocks of SD3, Qwen-Image and FLUX, the Qwen2.5-VL and
+  Qwen3-VL decoder layers and vision blocks, T5 and CLIP layers, the DINOv3 ViT layers and ConvNeXt layers);
+- each frozen part (`frozen_parts`): a module outside the blocks whose parameters all have requires_grad False
+  when the model is wrapped, inside a module that trains (FlowEdit's VAE codec and text encoder, direct
+  children of the LightningModule; MetaQuery's frozen VLM, a child of its partly trainable query encoder), is a
+  unit of its own, so it is sharded apart from the trainable units and never shares a flat parameter with them
+  (a frozen part in a release dtype, e.g. a bf16 VLM, beside fp32 trainable parts is then allowed);
 - the root: what is left (a DiT's embedders, norm_out, proj_out).
 
 FSDP flattens the parameters of a unit into one tensor, which must have one dtype. Every unit here holds one
@@ -27,7 +29,8 @@ release dtype, bf16 for Qwen2.5-VL), so the mix that breaks a single unit cannot
 dtypes and the parameters of each, instead of FSDP's "Must flatten tensors with uniform dtype".
 
 Frozen parts run under FSDP only through their `forward` (FSDP gathers a unit's weights in its forward hook):
-FlowEdit calls its codec as `self.codec(images)` / `self.codec(latents, decode=True)`, never `.encode()`.
+FlowEdit calls its codec as `self.codec(images)` / `self.codec(latents, decode=True)`, never `.encode()`;
+MetaQuery calls its VLM as `self.vlm(inputs)` / `self.vlm(inputs, logits=True)` (components/vlm.py).
 Work outside the LightningModule's own steps (GRPO rollouts and held-out samples made in callbacks) goes
 through `run_in_root`, so that the root unit's weights are gathered too.
 """
@@ -56,6 +59,10 @@ BLOCKS: dict[str, tuple[str, ...]] = {
     "qwen2_5_vl": (
         "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLDecoderLayer",
         "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLVisionBlock",
+    ),
+    "qwen3_vl": (
+        "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLTextDecoderLayer",
+        "transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionBlock",
     ),
     "t5": ("transformers.models.t5.modeling_t5.T5Block",),
     "clip": ("transformers.models.clip.modeling_clip.CLIPEncoderLayer",),
@@ -86,8 +93,10 @@ class BlockPolicy(ModuleWrapPolicy):
     """Wrap every transformer block of `blocks` (and each frozen part) in its own FSDP unit; see the module doc.
 
     Args:
-        blocks: Block families (`BLOCKS` keys: sd3, qwen_image, flux, qwen2_5_vl, t5, clip, dinov3); None: all.
-        frozen_parts: Also make each entirely frozen direct child of the root (a VAE, a text encoder) a unit.
+        blocks: Block families (`BLOCKS` keys: sd3, qwen_image, flux, qwen2_5_vl, qwen3_vl, t5, clip, dinov3);
+            None: all.
+        frozen_parts: Also make each entirely frozen module outside the blocks, inside one that trains (a VAE, a
+            text encoder, a frozen VLM beside trainable queries), a unit (`frozen_parts`).
         trainable_only: Select only blocks with a trainable parameter, no frozen parts (the activation-checkpointing
             policy: recomputing a frozen encoder run under no_grad saves nothing).
     """
@@ -101,6 +110,13 @@ class BlockPolicy(ModuleWrapPolicy):
         self.classes = classes
         self.frozen_parts, self.trainable_only = frozen_parts, trainable_only
 
+    def __call__(self, module: nn.Module, recurse: bool, *args: Any, **kwargs: Any) -> bool:
+        """The recursive form of the rule (torch's `apply_activation_checkpointing` calls a callable policy so,
+        never `_run_policy`): descend everywhere; select a block of `blocks`, with `trainable_only` a trainable one."""
+        if recurse:
+            return True
+        return isinstance(module, self.classes) and (not self.trainable_only or _has_trainable(module))
+
     def units(self, root: nn.Module) -> list[nn.Module]:
         """The modules of `root` this policy makes units (blocks, then frozen parts), in module order."""
         units = []
@@ -108,9 +124,7 @@ class BlockPolicy(ModuleWrapPolicy):
             if isinstance(module, self.classes) and (not self.trainable_only or _has_trainable(module)):
                 units.append(module)
         if self.frozen_parts and not self.trainable_only and _has_trainable(root):
-            for child in root.children():
-                if any(True for _ in child.parameters()) and not _has_trainable(child):
-                    units.append(child)
+            units.extend(frozen_parts(root, self.classes))
         return units
 
     def _run_policy(
@@ -121,6 +135,29 @@ class BlockPolicy(ModuleWrapPolicy):
         if not self.trainable_only:  # the wrap policy: every flat parameter must have one dtype
             check_uniform_dtypes(root_module, units)
         return {unit: dict(root_kwargs) for unit in units}
+
+
+def frozen_parts(root: nn.Module, blocks: tuple[type[nn.Module], ...] = ()) -> list[nn.Module]:
+    """The largest entirely frozen modules with parameters inside `root` that trains, outside the `blocks`.
+
+    Walks down from the root through the modules that hold both trainable and frozen parameters; a child with
+    parameters, all frozen, is a frozen part (not entered further); a block and a wholly trainable child are
+    not entered (a block is its own unit; LoRA's frozen base layers inside blocks stay in their block).
+    """
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            params = list(child.parameters())
+            if not params or isinstance(child, blocks):
+                continue
+            if not any(p.requires_grad for p in params):
+                found.append(child)
+            elif not all(p.requires_grad for p in params):
+                visit(child)
+
+    visit(root)
+    return found
 
 
 def unit_parameters(root: nn.Module, units: Sequence[nn.Module]) -> dict[str, dict[str, nn.Parameter]]:

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from lightning_modules.flow_edit import FlowEdit
-from omnilab.fsdp import BlockPolicy, check_uniform_dtypes, unit_parameters
+from omnilab.fsdp import BlockPolicy, block_classes, check_uniform_dtypes, unit_parameters
 from tests.configs import BASE, REPO, init_args
 
 TINY_QWEN = init_args(REPO / "experiments" / "uniref" / "tiny.yaml", "model")
@@ -68,6 +68,41 @@ def test_the_release_dtypes_mixed_in_one_unit_are_refused_and_per_block_units_ar
     model.backbone.model.transformer_blocks[1].attn.to_q.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"'backbone.model.transformer_blocks.1' would flatten .*to_q"):
         check_uniform_dtypes(model, units)
+
+
+def test_a_frozen_vlm_inside_a_trainable_encoder_is_a_unit_of_its_own():
+    """MetaQuery's connector stage: the bf16 VLM frozen beside fp32 queries and connector in one query encoder."""
+    from lightning_modules.metaquery import MetaQuery
+
+    args = init_args(REPO / "experiments" / "unipic2" / "metaquery_tiny.yaml", "model")
+    model = MetaQuery(**{**args, "trainable": ["queries", "connector", "dit"]})
+    model.configure_model()
+    model.text_encoder.vlm.to(torch.bfloat16)  # as the paper config loads it
+    units = BlockPolicy(["sd3", "qwen2_5_vl"]).units(model)
+    assert names(model, units)[-2:] == ["codec", "text_encoder.vlm"]  # not the partly trainable text_encoder
+    check_uniform_dtypes(model, units)  # the VLM's embeddings and LM head stay out of the fp32 root
+    owned = unit_parameters(model, units)
+    assert {p.dtype for p in owned["text_encoder.vlm"].values()} == {torch.bfloat16}
+    assert "text_encoder.queries" in owned[""] and not any("vlm" in n for n in owned[""])
+    # nothing inside a block becomes a unit (frozen pieces there, e.g. LoRA base layers, stay in their block)
+    assert not any(n.startswith("backbone.model.transformer_blocks.0.") for n in names(model, units))
+    # activation checkpointing through torch's own entry point (which calls the policy, not `_run_policy`):
+    # the trainable DiT blocks only, not the frozen VLM's layers that the queries' gradient passes through
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    policy = BlockPolicy(["sd3", "qwen2_5_vl"], trainable_only=True)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper, auto_wrap_policy=policy)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, CheckpointWrapper)]
+    assert wrapped == ["backbone.model.transformer_blocks.0", "backbone.model.transformer_blocks.1"]
+    # the Qwen3-VL family names the library's own classes
+    assert {c.__name__ for c in block_classes(["qwen3_vl"])} == {
+        "Qwen3VLTextDecoderLayer",
+        "Qwen3VLVisionBlock",
+    }
 
 
 # --- 2 processes ---------------------------------------------------------------------------------------

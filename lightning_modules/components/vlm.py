@@ -217,6 +217,15 @@ class VisionLanguageModel(nn.Module):
             moved["pixel_values"] = moved["pixel_values"].to(self.dtype)
         return moved
 
+    def forward(self, inputs: dict[str, Tensor], logits: bool = False) -> Tensor:
+        """The last hidden states [B, T, D] of a batch of `inputs` (with `logits`: the LM head's logits [B, T, V]).
+
+        The call to use where the VLM may be an FSDP unit of its own (a frozen VLM: omnilab/fsdp.py): FSDP gathers
+        a unit's weights in its forward, not in `hidden_states` / `logits` called on the wrapped module.
+        """
+        hidden = self.hidden_states(inputs)
+        return self.logits(hidden) if logits else hidden
+
     def hidden_states(self, inputs: dict[str, Tensor]) -> Tensor:
         """The last hidden states [B, T, D] of the language model (the LM head is not run)."""
         args = {k: v for k, v in inputs.items() if k != "labels"}
@@ -261,6 +270,39 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 # --- building --------------------------------------------------------------------------------------------
 
 
+def processor_options(options: dict[str, Any], size: Any) -> dict[str, Any]:
+    """Image-processor kwargs with `min_pixels` / `max_pixels` folded into `size` (the library's supported form).
+
+    A Qwen2-VL-style processor bounds an image's pixel count by `size = {shortest_edge: min pixels, longest_edge:
+    max pixels}`; setting `min_pixels` / `max_pixels` as attributes (or passing them per call) is deprecated in
+    transformers v5. The bound not given keeps `size`'s (the loaded processor's, or the class default).
+    ValueError when the bounds cross.
+    """
+    out = dict(options)
+    lo, hi = out.pop("min_pixels", None), out.pop("max_pixels", None)
+    if lo is None and hi is None:
+        return out
+    current = dict(out.pop("size", None) or {})
+    for key in ("shortest_edge", "longest_edge"):
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        current.setdefault(key, value)
+    current = {k: v for k, v in current.items() if k in ("shortest_edge", "longest_edge")}
+    if lo is not None:
+        current["shortest_edge"] = int(lo)
+    if hi is not None:
+        current["longest_edge"] = int(hi)
+    if lo is not None and hi is None and current.get("longest_edge") is not None:
+        current["longest_edge"] = max(current["longest_edge"], int(lo))
+    if hi is not None and lo is None and current.get("shortest_edge") is not None:
+        current["shortest_edge"] = min(current["shortest_edge"], int(hi))
+    if current["shortest_edge"] > current["longest_edge"]:
+        raise ValueError(
+            f"image_processor: min_pixels={current['shortest_edge']} exceeds max_pixels={current['longest_edge']}"
+        )
+    out["size"] = current
+    return out
+
+
 def _offline_processor(
     family: str,
     tokenizer_spec: dict[str, Any] | None,
@@ -290,7 +332,7 @@ def _offline_processor(
         tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
     if extra:
         tokenizer.add_tokens(extra)
-    processor = Qwen2VLImageProcessorPil(**processor_kwargs)
+    processor = Qwen2VLImageProcessorPil(**processor_options(processor_kwargs, Qwen2VLImageProcessorPil.size))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tokenizer.save_pretrained(tmp)
@@ -323,7 +365,8 @@ def build_vlm(
     under the given `vision_config` keys. `tokenizer`: a `load_tokenizer` spec for the offline tokenizer
     (ignored with `pretrained`). `image_processor`: kwargs of the image processor (`min_pixels`,
     `max_pixels`, and for `config` also `patch_size`, `merge_size`, ... defaulting to the vision tower's);
-    with `pretrained` they override the loaded processor's attributes. `load`: extra `from_pretrained`
+    with `pretrained` they override the loaded processor's settings (min/max pixels through its `size`,
+    `processor_options`). `load`: extra `from_pretrained`
     kwargs (e.g. `dtype`). `added_tokens`: special tokens added to the tokenizer (e.g. `<|Reward|>`);
     `extra_tokens`: ordinary (decoded) tokens added to an offline tokenizer, e.g. the JSON scaffolding of a
     verdict, which a 512-token vocabulary would otherwise spell out byte by byte (`config` only). The
@@ -348,8 +391,9 @@ def build_vlm(
         if added:
             tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
         processor = AutoImageProcessor.from_pretrained(pretrained)
-        for key, value in processor_kwargs.items():
-            setattr(processor, key, value)
+        if processor_kwargs:  # loaded again with the overrides, min/max pixels folded into its `size`
+            options = processor_options(processor_kwargs, processor.size)
+            processor = AutoImageProcessor.from_pretrained(pretrained, **options)
         model = build_backbone(model_cls, pretrained=pretrained, **dict(load or {}))
     else:
         cfg = dict(config)

@@ -37,3 +37,38 @@ def test_extra_tokens_only_extend_an_offline_tokenizer():
         build_vlm("qwen2_5_vl", pretrained="unused", extra_tokens=["x"])
     with pytest.raises(ValueError, match="exactly one of"):
         build_vlm("qwen2_5_vl")
+
+
+def test_pixel_bounds_fold_into_the_processor_size():
+    from lightning_modules.components.vlm import processor_options
+
+    base = {"shortest_edge": 3136, "longest_edge": 1003520}
+    assert processor_options({"min_pixels": 784, "max_pixels": 1568, "merge_size": 2}, base) == {
+        "merge_size": 2,
+        "size": {"shortest_edge": 784, "longest_edge": 1568},
+    }
+    # one bound given: the other is the loaded one, pulled in so that the two never cross
+    assert processor_options({"max_pixels": 784}, base)["size"] == {"shortest_edge": 784, "longest_edge": 784}
+    assert processor_options({"patch_size": 14}, base) == {"patch_size": 14}
+    with pytest.raises(ValueError, match="min_pixels=900 exceeds max_pixels=800"):
+        processor_options({"min_pixels": 900, "max_pixels": 800}, base)
+
+
+def test_pixel_bounds_of_a_pretrained_processor_apply_without_the_deprecated_attributes(tmp_path):
+    """min/max pixels over a loaded processor: the image is resized to them, through `size`, with no FutureWarning."""
+    import warnings
+
+    vlm = build_vlm("qwen2_5_vl", config={"text_config": TEXT}, tokenizer={"vocab_size": 512})
+    vlm.save_pretrained(tmp_path / "hub")  # saved with the default bounds (3136 .. 1003520 px)
+    image = torch.rand(3, 112, 112) * 2 - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        small = build_vlm(
+            "qwen2_5_vl", pretrained=str(tmp_path / "hub"), image_processor={"max_pixels": 28 * 28}
+        )
+        grid = small.inputs([Conversation(images=[image], text="hi")])["image_grid_thw"]
+        plain = build_vlm("qwen2_5_vl", pretrained=str(tmp_path / "hub"))
+        full = plain.inputs([Conversation(images=[image], text="hi")])["image_grid_thw"]
+    assert grid.tolist() == [[1, 2, 2]]  # 28 x 28 px: 2 x 2 patches of 14 px
+    assert full.tolist() == [[1, 8, 8]]  # 112 x 112 px within the saved bounds: kept
+    assert small.image_processor.size.longest_edge == 784 and not hasattr(small.image_processor, "max_pixels")
