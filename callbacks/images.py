@@ -76,11 +76,18 @@ def make_grid(rows: list[Row], cell: int = 128, gap: int = 4, max_refs: int | No
     if not rows:
         raise ValueError("make_grid needs at least one row")
     n_refs = max(len(r) for r, _, _ in rows) if max_refs is None else max_refs
-    columns = n_refs + 2
+    padded = [[*refs[:n_refs], *([None] * (n_refs - min(len(refs), n_refs))), t, p] for refs, t, p in rows]
+    return cell_grid(padded, cell, gap)
+
+
+def cell_grid(rows: list[list[Tensor | None]], cell: int = 128, gap: int = 4) -> Tensor:
+    """One [3, H, W] image in [-1, 1] of rows of letterboxed cells (None: a grey blank), white around them."""
+    if not rows:
+        raise ValueError("a grid needs at least one row")
+    columns = max(len(r) for r in rows)
     width, height = columns * cell + (columns + 1) * gap, len(rows) * cell + (len(rows) + 1) * gap
     grid = torch.full((3, height, width), 1.0)  # white background
-    for i, (refs, target, prediction) in enumerate(rows):
-        cells = [*refs[:n_refs], *([None] * (n_refs - min(len(refs), n_refs))), target, prediction]
+    for i, cells in enumerate(rows):
         top = gap + i * (cell + gap)
         for j, image in enumerate(cells):
             left = gap + j * (cell + gap)
@@ -90,10 +97,20 @@ def make_grid(rows: list[Row], cell: int = 128, gap: int = 4, max_refs: int | No
 
 
 def label_grid(
-    grid: Any, n_rows: int, n_refs: int, captions: list[str] | None = None, cell: int = 128, gap: int = 4
+    grid: Any,
+    n_rows: int,
+    n_refs: int,
+    captions: list[str] | None = None,
+    cell: int = 128,
+    gap: int = 4,
+    names: list[str] | None = None,
+    labels: list[list[str]] | None = None,
 ) -> Any:
-    """`make_grid`'s PIL image with a header naming the columns (reference 1..N, target, prediction) and each
-    row's caption (its instruction) printed under it."""
+    """A grid's PIL image (`make_grid` / `cell_grid`) with a header naming the columns and, under each row, the
+    lines of each cell's label (`labels[row][column]`, lines split at newlines) and the row's caption.
+
+    `names` default to reference 1..`n_refs`, target, prediction (the SampleGrid layout).
+    """
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -101,17 +118,25 @@ def label_grid(
     header, line = 16, 12
     chars = max(8, grid.width // 6)
     wrapped = [textwrap.wrap(c or "", chars)[:2] if captions else [] for c in (captions or [""] * n_rows)]
-    band = line * max((len(w) for w in wrapped), default=0) + (2 if captions else 0)
+    cell_lines = [[str(text).split("\n") for text in row] for row in (labels or [[]] * n_rows)]
+    n_label = max((len(lines) for row in cell_lines for lines in row), default=0)
+    band = line * (n_label + max((len(w) for w in wrapped), default=0)) + (2 if captions or labels else 0)
     out = Image.new("RGB", (grid.width, header + n_rows * (cell + gap + band) + gap), "white")
     draw = ImageDraw.Draw(out)
-    names = [f"reference {i + 1}" for i in range(n_refs)] + ["target", "prediction"]
+    if names is None:
+        names = [f"reference {i + 1}" for i in range(n_refs)] + ["target", "prediction"]
     for j, name in enumerate(names):
         draw.text((gap + j * (cell + gap) + 2, 2), name[: cell // 6], fill=(0, 0, 0))
     for i in range(n_rows):
         top = header + i * (cell + gap + band)
         out.paste(grid.crop((0, gap + i * (cell + gap), grid.width, gap + i * (cell + gap) + cell)), (0, top))
+        for j, lines in enumerate(cell_lines[i] if i < len(cell_lines) else []):
+            for n, text in enumerate(lines):
+                draw.text(
+                    (gap + j * (cell + gap) + 2, top + cell + 1 + n * line), text[: cell // 6], fill=(0, 0, 0)
+                )
         for n, text in enumerate(wrapped[i]):
-            draw.text((gap + 2, top + cell + 1 + n * line), text, fill=(0, 0, 0))
+            draw.text((gap + 2, top + cell + 1 + (n_label + n) * line), text, fill=(0, 0, 0))
     return out
 
 
@@ -248,7 +273,7 @@ class SampleGrid(Callback):
         path = out_dir / f"step_{step:06d}.png"
         image.save(path)
         for logger in trainer.loggers:
-            _log_image(logger, image, step)
+            log_image(logger, image, step)
         return path
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,13 +285,14 @@ class SampleGrid(Callback):
         self.last_step = int(state_dict.get("last_step", -1))
 
 
-def _log_image(logger: Any, image: Any, step: int) -> None:
-    """Send one PIL image to a logger that can take it (MLflow artifact, TensorBoard image); others skip."""
+def log_image(logger: Any, image: Any, step: int, stem: str = "step", tag: str = "samples") -> None:
+    """Send one PIL image to a logger that can take it (the MLflow artifact `samples/<stem>_NNNNNN.png`, a
+    TensorBoard image under `tag`); other loggers skip it."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
     if isinstance(logger, MLFlowLogger):
-        logger.experiment.log_image(logger.run_id, image, artifact_file=f"samples/step_{step:06d}.png")
+        logger.experiment.log_image(logger.run_id, image, artifact_file=f"samples/{stem}_{step:06d}.png")
     elif isinstance(logger, TensorBoardLogger):
         import numpy as np
 
-        logger.experiment.add_image("samples", np.asarray(image), step, dataformats="HWC")
+        logger.experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")
