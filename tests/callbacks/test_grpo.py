@@ -437,7 +437,16 @@ def test_group_grids_print_each_samples_reward_and_advantage_every_n_steps(tmp_p
     monkeypatch.setattr(images, "label_grid", recording_label_grid)
     batch = prompt_batch(refs=[[torch.zeros(3, 16, 16)], []])  # group 1 edits a reference, group 2 has none
     callback = grpo({"red": recorded_redness}, grid_every_n_steps=2, grid_cell=32)
-    _, _, rec = fit(callback, max_steps=3, default_root_dir=tmp_path, loader=prompt_loader(batch))
+    from tests.callbacks.test_images import RecordingMLFlow
+
+    logger = RecordingMLFlow()
+    _, _, rec = fit(
+        callback, max_steps=3, default_root_dir=tmp_path, loader=prompt_loader(batch), logger=logger
+    )
+    assert [f for _, f, _ in logger.images] == [
+        "samples/grpo_step_000000.png",
+        "samples/grpo_step_000002.png",
+    ]
     # rollouts at steps 0, 1, 2: grids at the first rollout from each multiple of 2
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["grpo_step_000000.png", "grpo_step_000002.png"]  # fmt: skip
     assert len(drawn) == 2 and callback.next_grid == 4

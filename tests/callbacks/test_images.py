@@ -292,3 +292,21 @@ def test_a_bad_prompt_record_is_an_error_naming_file_line_and_key(tmp_path, reco
 def test_a_missing_prompt_file_is_refused_when_the_callback_is_made(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothere\.jsonl"):
         SampleGrid(prompts=str(tmp_path / "nothere.jsonl"))
+
+
+def test_a_flow_model_samples_the_own_prompts_at_the_sizes_the_data_kind_gives(tmp_path, monkeypatch):
+    from callbacks.images import read_prompts
+    from datamodules.multiref import MultiRefTransform
+    from tests.lightning_modules.test_flow_edit import tiny
+
+    transform = MultiRefTransform(
+        budget=torch.tensor([32]), base_budget=32, target_budget=32, multiple=16, min_side=16, upscale=True,
+        train=False,
+    )  # fmt: skip
+    batch = read_prompts(write_prompts(tmp_path, GOOD), transform)
+    monkeypatch.setenv("OMNILAB_CACHE", str(tmp_path / "cache"))  # the tiny tokenizers are built here
+    rows = tiny("sd3_kontext").eval().sample_grid(batch, 2)
+    assert [len(r) for r, _, _ in rows] == [1, 2]
+    # each prediction at its target's size: the output's, or (no output_image) what the rule gives the first input
+    assert [tuple(p.shape) for _, _, p in rows] == [tuple(t.shape) for t in batch["target"]]
+    assert all(torch.isfinite(p).all() and p.abs().max() <= 1 for _, _, p in rows)
