@@ -6,6 +6,9 @@
 - lora: the adapter loaded with `pipe.load_lora_weights` onto the base export gives the LoRA model's images,
   and the base alone does not.
 - ccmp: `model.safetensors` + `config.json` rebuild a CCMP whose predictions equal the module's.
+- qwen_image_edit: the folder is written part by part (no torchvision for the pipeline's processor); each
+  part loads with the class model_index.json names and gives the module's outputs; a FlowEdit built from the
+  folder samples the module's images.
 - checkpoints: read with weights_only; a sharded (torch.distributed.checkpoint) folder is consolidated.
 """
 
