@@ -38,6 +38,9 @@ the counters and, on one process, the unused part of the current rollout (so a c
 resumes exactly; under DDP that part is dropped and a fresh rollout starts: callback states are saved from
 rank 0 only).
 
+Group grids (`grid_every_n_steps`): a rollout's groups drawn side by side with each sample's reward and advantage
+(`log_group_grid`, drawn by callbacks/images.py), saved under `<run>/samples/` and logged.
+
 Held-out evaluation (reward hacking made visible): on every validation (and test) batch the module samples
 one image per held-out prompt with the ODE (noise 0) at `eval_steps`, and both the training reward and a
 DIFFERENT held-out reward (`eval_reward`) score it; `eval/train_reward` and `eval/heldout_reward` are logged
@@ -53,6 +56,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -295,6 +299,11 @@ def check_std_scope(rule: str, std_scope: str | None) -> None:
         )
 
 
+def group_label(reward: float, advantage: float, kept: bool) -> str:
+    """The two lines printed under a rollout sample in the group grid: its reward and its advantage."""
+    return f"r {reward:.4f}\n" + (f"A {advantage:+.4f}" if kept else "A 0 (dropped)")
+
+
 class GRPOSkipError(RuntimeError):
     """Too many rollout batches in a row were skipped (a reward or reward server keeps failing)."""
 
@@ -346,6 +355,14 @@ class GRPORollouts(Callback):
             reward fell over K evaluations in a row; None: never.
         log_every_n_steps: Log the reward, advantage and skip statistics every this many steps.
         seed: Seed of the rollout, window and evaluation noise streams.
+        grid_every_n_steps: Every this many steps (at the first rollout from each multiple on; 0: never), draw
+            the rollout's groups as a grid (`callbacks.images`): one row per group, its references then its G
+            samples, each sample's reward (the level the logs follow, `reward_level`) and advantage (the one
+            trained on; 0 in a dropped group, marked "dropped") under it, the instruction under the row; saved
+            as `<run>/samples/grpo_step_NNNNNN.png` and logged (MLflow artifact of the same name). Rank 0
+            draws its own groups.
+        grid_groups: Groups (rows) per grid, the first ones of the rollout.
+        grid_cell: Side of one grid cell in pixels.
     """
 
     def __init__(
@@ -375,6 +392,9 @@ class GRPORollouts(Callback):
         stop_on_divergence: int | None = None,
         log_every_n_steps: int = 10,
         seed: int = 0,
+        grid_every_n_steps: int = 0,
+        grid_groups: int = 2,
+        grid_cell: int = 96,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule {rule!r} is not one of {', '.join(RULES)}")
@@ -392,6 +412,11 @@ class GRPORollouts(Callback):
         ):
             raise ValueError(
                 "group_size, steps, eval_steps, steps_per_rollout, max_consecutive_skips must be >= 1"
+            )
+        if grid_every_n_steps < 0 or grid_groups < 1 or grid_cell < 16:
+            raise ValueError(
+                f"grid_every_n_steps must be >= 0, grid_groups >= 1 and grid_cell >= 16, got "
+                f"{grid_every_n_steps}, {grid_groups}, {grid_cell}"
             )
         if prompts_per_rollout is not None and prompts_per_rollout < 1:
             raise ValueError(f"prompts_per_rollout must be >= 1 or None, got {prompts_per_rollout}")
@@ -414,6 +439,8 @@ class GRPORollouts(Callback):
         self.tasks = list(tasks) if tasks is not None else None
         self.max_consecutive_skips, self.stop_on_divergence = max_consecutive_skips, stop_on_divergence
         self.log_every_n_steps, self.seed = max(1, log_every_n_steps), seed
+        self.grid_every_n_steps, self.grid_groups, self.grid_cell = grid_every_n_steps, grid_groups, grid_cell
+        self.next_grid = 0  # the step from which the next rollout is drawn (state_dict)
         # counters (state_dict)
         self.rollouts = self.skipped = self.consecutive = self.empty = self.no_prompts = 0
         self.dropped_groups = self.singleton_groups = self.trajectories = 0
@@ -562,6 +589,12 @@ class GRPORollouts(Callback):
                 if scores is not None:
                     local_groups = all_groups[mine] - all_groups[mine][0]
                     advantages, keep = self._keep(scores, advantages[mine], local_groups, step)
+                    if self.grid_every_n_steps and step >= self.next_grid:
+                        self.next_grid = (step // self.grid_every_n_steps + 1) * self.grid_every_n_steps
+                        if trainer.is_global_zero:
+                            self.log_group_grid(
+                                trainer, rollout, batch, index, scores, advantages, keep, step
+                            )
         if any_failed:
             self.skipped += 1
             self.consecutive += 1
@@ -590,6 +623,49 @@ class GRPORollouts(Callback):
         else:  # fewer trajectories than steps: every step trains on one (reused) trajectory
             self._slices = [[k % n] for k in range(u)]
         self._pos = 0
+
+    def log_group_grid(
+        self,
+        trainer: Trainer,
+        rollout: Rollout,
+        batch: Mapping[str, Any],
+        index: Sequence[int],
+        scores: Mapping[str, Tensor],
+        advantages: Tensor,
+        keep: Tensor,
+        step: int,
+    ) -> Path:
+        """Draw the first `grid_groups` groups of a rollout with each sample's reward and advantage; save, log."""
+        from callbacks.images import cell_grid, label_grid, log_image, to_pil
+
+        g, groups = self.group_size, min(self.grid_groups, len(index))
+        levels = reward_level(self.reward, scores)
+        refs = [[r.detach().float().cpu() for r in batch["refs"][i]] for i in index[:groups]]
+        n_refs = max(len(r) for r in refs)
+        rows, labels, captions = [], [], []
+        for k in range(groups):
+            members = range(k * g, (k + 1) * g)
+            images = [rollout.images[m].detach().float().cpu() for m in members]
+            rows.append([*refs[k], *([None] * (n_refs - len(refs[k]))), *images])
+            labels.append([""] * n_refs + [group_label(float(levels[m]), float(advantages[m]), bool(keep[m])) for m in members])  # fmt: skip
+            captions.append(rollout.prompts[k * g])
+        names = [f"reference {i + 1}" for i in range(n_refs)] + [f"sample {j + 1}" for j in range(g)]
+        image = label_grid(
+            to_pil(cell_grid(rows, self.grid_cell)),
+            groups,
+            n_refs,
+            captions,
+            self.grid_cell,
+            names=names,
+            labels=labels,
+        )
+        out_dir = Path(trainer.default_root_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"grpo_step_{step:06d}.png"
+        image.save(path)
+        for logger in trainer.loggers:
+            log_image(logger, image, step, stem="grpo_step", tag="grpo_groups")
+        return path
 
     @staticmethod
     def _any(trainer: Trainer, pl_module: LightningModule, flag: bool) -> bool:
@@ -795,6 +871,7 @@ class GRPORollouts(Callback):
             "evaluations": [list(e) for e in self.evaluations],
             "diverged": self.diverged,
             "tasks": self.tasks,
+            "next_grid": self.next_grid,
             "buffer": None,
         }
         if self._buffer is not None and self._pos < len(self._slices):
@@ -807,6 +884,7 @@ class GRPORollouts(Callback):
             setattr(self, key, int(state_dict.get(key, 0)))
         self.evaluations = [tuple(e) for e in state_dict.get("evaluations", [])]
         self.diverged = bool(state_dict.get("diverged", False))
+        self.next_grid = int(state_dict.get("next_grid", 0))
         if "tasks" in state_dict:
             self.tasks = state_dict["tasks"]
         buffer = state_dict.get("buffer")

@@ -10,6 +10,14 @@ then the prediction; a header names the columns and each row's instruction is pr
 
 The module's whole contract is `SupportsSampleGrid.sample_grid(batch, k)`. It runs on every rank (a
 sharded model needs all ranks in its forward); only global rank 0 draws and logs.
+
+Prompts of one's own (`prompts: path.jsonl`, docs/data.md): one record a line in the edit_jsonl converter's
+format (`datamodules/convert/edit_jsonl.py`): {"instruction": str, "input_images": [paths], "output_image":
+path (optional: the target column; without it the column is blank and the prediction takes the size the
+data kind would give a target of the first input's size), "task_type", "id", ...}, paths relative to the
+JSONL's folder. They are decoded by the datamodule's own validation transform when it is the multiref kind's
+(same budget and sizes as validation), and collated as its batches are. A bad record is an error naming the
+file, the line and the key; an unknown key names the nearest known one.
 """
 
 from __future__ import annotations
@@ -76,11 +84,18 @@ def make_grid(rows: list[Row], cell: int = 128, gap: int = 4, max_refs: int | No
     if not rows:
         raise ValueError("make_grid needs at least one row")
     n_refs = max(len(r) for r, _, _ in rows) if max_refs is None else max_refs
-    columns = n_refs + 2
+    padded = [[*refs[:n_refs], *([None] * (n_refs - min(len(refs), n_refs))), t, p] for refs, t, p in rows]
+    return cell_grid(padded, cell, gap)
+
+
+def cell_grid(rows: list[list[Tensor | None]], cell: int = 128, gap: int = 4) -> Tensor:
+    """One [3, H, W] image in [-1, 1] of rows of letterboxed cells (None: a grey blank), white around them."""
+    if not rows:
+        raise ValueError("a grid needs at least one row")
+    columns = max(len(r) for r in rows)
     width, height = columns * cell + (columns + 1) * gap, len(rows) * cell + (len(rows) + 1) * gap
     grid = torch.full((3, height, width), 1.0)  # white background
-    for i, (refs, target, prediction) in enumerate(rows):
-        cells = [*refs[:n_refs], *([None] * (n_refs - min(len(refs), n_refs))), target, prediction]
+    for i, cells in enumerate(rows):
         top = gap + i * (cell + gap)
         for j, image in enumerate(cells):
             left = gap + j * (cell + gap)
@@ -90,10 +105,20 @@ def make_grid(rows: list[Row], cell: int = 128, gap: int = 4, max_refs: int | No
 
 
 def label_grid(
-    grid: Any, n_rows: int, n_refs: int, captions: list[str] | None = None, cell: int = 128, gap: int = 4
+    grid: Any,
+    n_rows: int,
+    n_refs: int,
+    captions: list[str] | None = None,
+    cell: int = 128,
+    gap: int = 4,
+    names: list[str] | None = None,
+    labels: list[list[str]] | None = None,
 ) -> Any:
-    """`make_grid`'s PIL image with a header naming the columns (reference 1..N, target, prediction) and each
-    row's caption (its instruction) printed under it."""
+    """A grid's PIL image (`make_grid` / `cell_grid`) with a header naming the columns and, under each row, the
+    lines of each cell's label (`labels[row][column]`, lines split at newlines) and the row's caption.
+
+    `names` default to reference 1..`n_refs`, target, prediction (the SampleGrid layout).
+    """
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -101,17 +126,25 @@ def label_grid(
     header, line = 16, 12
     chars = max(8, grid.width // 6)
     wrapped = [textwrap.wrap(c or "", chars)[:2] if captions else [] for c in (captions or [""] * n_rows)]
-    band = line * max((len(w) for w in wrapped), default=0) + (2 if captions else 0)
+    cell_lines = [[str(text).split("\n") for text in row] for row in (labels or [[]] * n_rows)]
+    n_label = max((len(lines) for row in cell_lines for lines in row), default=0)
+    band = line * (n_label + max((len(w) for w in wrapped), default=0)) + (2 if captions or labels else 0)
     out = Image.new("RGB", (grid.width, header + n_rows * (cell + gap + band) + gap), "white")
     draw = ImageDraw.Draw(out)
-    names = [f"reference {i + 1}" for i in range(n_refs)] + ["target", "prediction"]
+    if names is None:
+        names = [f"reference {i + 1}" for i in range(n_refs)] + ["target", "prediction"]
     for j, name in enumerate(names):
         draw.text((gap + j * (cell + gap) + 2, 2), name[: cell // 6], fill=(0, 0, 0))
     for i in range(n_rows):
         top = header + i * (cell + gap + band)
         out.paste(grid.crop((0, gap + i * (cell + gap), grid.width, gap + i * (cell + gap) + cell)), (0, top))
+        for j, lines in enumerate(cell_lines[i] if i < len(cell_lines) else []):
+            for n, text in enumerate(lines):
+                draw.text(
+                    (gap + j * (cell + gap) + 2, top + cell + 1 + n * line), text[: cell // 6], fill=(0, 0, 0)
+                )
         for n, text in enumerate(wrapped[i]):
-            draw.text((gap + 2, top + cell + 1 + n * line), text, fill=(0, 0, 0))
+            draw.text((gap + 2, top + cell + 1 + (n_label + n) * line), text, fill=(0, 0, 0))
     return out
 
 
@@ -145,6 +178,89 @@ def _cpu(value: Any) -> Any:
     return value
 
 
+NO_TARGET = "grid_no_target"  # batch key: per sample, True where a prompt record gave no output_image
+
+
+def _record_image(value: Any, root: Path, where: str, key: str) -> Any:
+    """The HxWx3 uint8 array of an image path of a prompt record (relative to `root`); errors name file:line:key."""
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {key} must be an image path (a string), got {value!r}")
+    path = Path(value) if Path(value).is_absolute() else root / value
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: {key} {value!r}: {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except Exception as err:
+        raise ValueError(f"{where}: {key} {value!r}: {path} is not a readable image ({err})") from err
+
+
+def read_prompts(path: str | Path, transform: Any = None, collate: Any = None) -> dict[str, Any]:
+    """A batch of the multiref kind from a prompt JSONL (edit_jsonl records; see the module docstring).
+
+    `transform(sample, rng)` decodes a sample as the data kind's validation does (None: images as they are)
+    and `collate(examples)` makes the batch (default `collate_multiref`). ValueError / FileNotFoundError /
+    UnknownKey name the file, line and key of a bad record.
+    """
+    import numpy as np
+
+    from datamodules.convert.edit_jsonl import RECORD_KEYS, check_keys, default_task, iter_records
+    from datamodules.multiref import collate_multiref, image_tensor
+    from datamodules.webdataset import BadSample, SkipSample
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SampleGrid prompts: {path} does not exist")
+    examples, no_target = [], []
+    for line, record in iter_records(path):
+        where = f"{path}:{line}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a JSON object: {str(record)[:80]!r}")
+        check_keys(record, RECORD_KEYS, where, escape=None)
+        instruction, inputs = record.get("instruction"), record.get("input_images", [])
+        if not isinstance(instruction, str):
+            raise ValueError(f"{where}: instruction must be a string, got {instruction!r}")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list):
+            raise ValueError(f"{where}: input_images must be a list of image paths, got {inputs!r}")
+        refs = [_record_image(p, path.parent, where, f"input_images[{k}]") for k, p in enumerate(inputs)]
+        output = record.get("output_image")
+        if output is None and not refs:
+            raise ValueError(
+                f"{where}: give output_image or input_images (the prediction takes the target's size, "
+                "else the first input's)"
+            )
+        target = _record_image(output, path.parent, where, "output_image") if output is not None else refs[0]
+        task = (
+            record.get("task_type") if isinstance(record.get("task_type"), str) else default_task(len(refs))
+        )
+        meta = {"instruction": instruction, "task": task, "n_refs": len(refs), "source": "prompts"}
+        key = str(record.get("id", f"{path.stem}_{line}"))
+        sample = {"json": meta, "target.png": target, **{f"ref{k}.png": r for k, r in enumerate(refs)}}
+        try:
+            if transform is not None:
+                example = transform(sample, np.random.default_rng(0))
+            else:
+                example = {
+                    "refs": [image_tensor(r, f"ref{k}") for k, r in enumerate(refs)],
+                    "target": image_tensor(target, "target"),
+                    "instruction": instruction, "task": task, "n_refs": len(refs),
+                    "ref_budget": 0, "ref_pixel_cap": 0, "meta": meta,
+                }  # fmt: skip
+        except (BadSample, SkipSample) as err:
+            raise ValueError(f"{where}: the data kind refuses this record: {err}") from err
+        examples.append({**example, "__key__": key})
+        no_target.append(output is None)
+    if not examples:
+        raise ValueError(f"SampleGrid prompts: {path} holds no record")
+    batch = (collate or collate_multiref)(examples)
+    batch[NO_TARGET] = no_target
+    return batch
+
+
 class SampleGrid(Callback):
     """Log a grid of (references | target | prediction) rows every N steps and after each validation.
 
@@ -154,6 +270,8 @@ class SampleGrid(Callback):
         cell: Side of one letterboxed cell in pixels.
         on_validation_end: Also log after every validation (not during the sanity check).
         out_dir: Folder of the PNGs (default `<default_root_dir>/samples`).
+        prompts: A JSONL of one's own validation prompts and images (edit_jsonl records, paths relative to the
+            file; see the module docstring) instead of the first validation batch; the first k are drawn.
     """
 
     def __init__(
@@ -163,9 +281,13 @@ class SampleGrid(Callback):
         cell: int = 128,
         on_validation_end: bool = True,
         out_dir: str | None = None,
+        prompts: str | None = None,
     ) -> None:
         self.every_n_steps, self.k, self.cell = every_n_steps, k, cell
         self.log_on_validation_end, self.out_dir = on_validation_end, out_dir
+        if prompts is not None and not Path(prompts).is_file():
+            raise FileNotFoundError(f"SampleGrid prompts: {prompts} does not exist")
+        self.prompts = prompts
         self.batch: dict[str, Any] | None = None
         self.last_step = -1
 
@@ -176,8 +298,27 @@ class SampleGrid(Callback):
             )
         return pl_module
 
+    def load_prompts(self, trainer: Trainer) -> dict[str, Any]:
+        """The first k records of `prompts` as a batch, decoded by the datamodule's validation transform when it
+        is the multiref kind's (else the images as they are)."""
+        from datamodules.multiref import MultiRefTransform
+
+        datamodule = getattr(trainer, "datamodule", None)
+        transform = datamodule.transform(False) if hasattr(datamodule, "transform") else None
+        if not isinstance(transform, MultiRefTransform):
+            transform = None
+        collate = datamodule.collate() if transform is not None and hasattr(datamodule, "collate") else None
+        return _first(read_prompts(self.prompts, transform, collate), self.k)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Read `prompts` at the start, so a bad record stops the run before it trains."""
+        if self.prompts is not None and self.batch is None:
+            self.batch = self.load_prompts(trainer)
+
     def _fixed_batch(self, trainer: Trainer) -> dict[str, Any] | None:
-        """The captured validation batch, else the first batch of the datamodule's validation loader."""
+        """The prompt records, else the captured validation batch, else the first batch of the validation loader."""
+        if self.batch is None and self.prompts is not None:
+            self.batch = self.load_prompts(trainer)
         if self.batch is None:
             datamodule = getattr(trainer, "datamodule", None)
             loader = datamodule.val_dataloader() if datamodule is not None else None
@@ -234,7 +375,8 @@ class SampleGrid(Callback):
             pl_module.train(was_training)
         if not trainer.is_global_zero:
             return None
-        rows = [(_cpu(r), _cpu(t), _cpu(p)) for r, t, p in rows]
+        blank = (self.batch or {}).get(NO_TARGET) or [False] * len(rows)
+        rows = [(_cpu(r), None if none else _cpu(t), _cpu(p)) for (r, t, p), none in zip(rows, blank)]
         n_refs = max(len(r) for r, _, _ in rows)
         image = label_grid(
             to_pil(make_grid(rows, self.cell)),
@@ -248,7 +390,7 @@ class SampleGrid(Callback):
         path = out_dir / f"step_{step:06d}.png"
         image.save(path)
         for logger in trainer.loggers:
-            _log_image(logger, image, step)
+            log_image(logger, image, step)
         return path
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,13 +402,14 @@ class SampleGrid(Callback):
         self.last_step = int(state_dict.get("last_step", -1))
 
 
-def _log_image(logger: Any, image: Any, step: int) -> None:
-    """Send one PIL image to a logger that can take it (MLflow artifact, TensorBoard image); others skip."""
+def log_image(logger: Any, image: Any, step: int, stem: str = "step", tag: str = "samples") -> None:
+    """Send one PIL image to a logger that can take it (the MLflow artifact `samples/<stem>_NNNNNN.png`, a
+    TensorBoard image under `tag`); other loggers skip it."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
     if isinstance(logger, MLFlowLogger):
-        logger.experiment.log_image(logger.run_id, image, artifact_file=f"samples/step_{step:06d}.png")
+        logger.experiment.log_image(logger.run_id, image, artifact_file=f"samples/{stem}_{step:06d}.png")
     elif isinstance(logger, TensorBoardLogger):
         import numpy as np
 
-        logger.experiment.add_image("samples", np.asarray(image), step, dataformats="HWC")
+        logger.experiment.add_image(tag, np.asarray(image), step, dataformats="HWC")

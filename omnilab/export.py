@@ -4,7 +4,11 @@
   LoRA merged in) plus the rest of the pipeline it came from (VAE, text encoders, tokenizers, scheduler,
   `model_index.json`) — that the family's pipeline class loads with `from_pretrained`:
   `sd3_kontext` -> `StableDiffusion3Pipeline`, `flux_kontext` -> `FluxKontextPipeline`, `qwen_image_edit` ->
-  `QwenImageEditPlusPipeline`. The packed backends (lightning_modules/components/packed_dit.py) reuse the stock
+  `QwenImageEditPlusPipeline`. The Qwen folder is written part by part (`save_pipeline_folder`: each part's
+  `save_pretrained` and a `model_index.json` naming the classes), without building the pipeline: its
+  `Qwen2VLProcessor` holds a video processor that needs torchvision, which the suite does not depend on; the
+  `processor/` folder holds the image processor and tokenizer configs the processor loads from (its video
+  processor inferred from the image processor's, as in Qwen's own releases). The packed backends (lightning_modules/components/packed_dit.py) reuse the stock
   transformer's weights unchanged, so the exported transformer is the stock class with the trained weights.
   The scheduler is the source pipeline's when the model was built from a `pretrained` pipeline folder, else a
   `FlowMatchEulerDiscreteScheduler` with the run's sampler shift (a fixed shift, or dynamic shifting on the
@@ -216,23 +220,75 @@ def pipeline_components(module: nn.Module, merge_lora: bool = True) -> dict[str,
         parts.update(text_encoder=text.clip, tokenizer=text.clip_tokenizer)
         parts.update(text_encoder_2=text.t5, tokenizer_2=text.t5_tokenizer)
     elif family == "qwen_image_edit":
-        from transformers import Qwen2VLProcessor
-
         if text.image_processor is None:
             raise ValueError("QwenImageEditPlusPipeline needs the VLM's image processor (text.vision: true)")
         parts.update(text_encoder=text.model, tokenizer=text.tokenizer)
-        try:
-            parts["processor"] = Qwen2VLProcessor(
-                image_processor=text.image_processor, tokenizer=text.tokenizer, video_processor=None
-            )
-        except (AttributeError, ImportError, TypeError, ValueError) as err:
-            raise RuntimeError(
-                "QwenImageEditPlusPipeline needs a Qwen2VLProcessor, which this transformers cannot build here "
-                f"({type(err).__name__}: {err}; its video processor needs torchvision)"
-            ) from err
+        parts["processor"] = QwenProcessorParts(text.image_processor, text.tokenizer)
     else:
         raise ValueError(f"no diffusers pipeline for family {family!r}")
     return parts
+
+
+class QwenProcessorParts:
+    """What `Qwen2VLProcessor.from_pretrained` reads from `processor/`, saved without building the processor.
+
+    The image processor's config (its type without the PIL-backend suffix, so that the processor's video
+    processor is inferred from it, as Qwen's releases are read) and the tokenizer's files.
+    """
+
+    library, class_name = "transformers", "Qwen2VLProcessor"
+
+    def __init__(self, image_processor: Any, tokenizer: Any) -> None:
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+    def save_pretrained(self, folder: str | Path, **_: Any) -> None:
+        """Write preprocessor_config.json and the tokenizer files into `folder`."""
+        folder = Path(folder)
+        self.image_processor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        config_path = folder / "preprocessor_config.json"
+        config = json.loads(config_path.read_text())
+        kind = str(config.get("image_processor_type", type(self.image_processor).__name__))
+        config["image_processor_type"] = kind.removesuffix("Pil")
+        config["processor_class"] = self.class_name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _library_class(part: Any) -> tuple[str, str]:
+    """(library, class name) of a pipeline part, as model_index.json records it."""
+    if isinstance(part, QwenProcessorParts):
+        return part.library, part.class_name
+    library = type(part).__module__.split(".")[0]
+    name = type(part).__name__
+    if library == "transformers":
+        name = TOKENIZERS.get(name, name)
+    return library, name
+
+
+TOKENIZERS = {
+    "TokenizersBackend": "Qwen2Tokenizer"
+}  # transformers 5's generic fast tokenizer -> Qwen's class
+
+
+def save_pipeline_folder(parts: dict[str, Any], out: str | Path, pipeline: str) -> Path:
+    """Write a diffusers pipeline folder part by part: `<out>/<name>/` by each part's save_pretrained (safetensors)
+    and `model_index.json` {"_class_name": pipeline, name: [library, class]}, as `DiffusionPipeline.save_pretrained`
+    lays it out, without building the pipeline."""
+    import diffusers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
+    for name, part in sorted(parts.items()):
+        if hasattr(part, "config") and hasattr(part, "save_config") and not hasattr(part, "state_dict"):
+            part.save_pretrained(out / name)  # a scheduler
+        elif isinstance(part, nn.Module):
+            part.save_pretrained(out / name, safe_serialization=True)
+        else:
+            part.save_pretrained(out / name)
+        index[name] = list(_library_class(part))
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
 
 
 def export_diffusers(module: nn.Module, out: str | Path, merge_lora: bool = True) -> Path:
@@ -243,6 +299,8 @@ def export_diffusers(module: nn.Module, out: str | Path, merge_lora: bool = True
         raise ValueError(f"--format diffusers exports FlowEdit models; got {type(module).__name__}")
     if getattr(module, "merged_adapters", 0) and not merge_lora:
         raise ValueError("the base weights were changed by merged adapters: export with the LoRA merged")
+    if module.family == "qwen_image_edit":  # its processor cannot be built without torchvision: part by part
+        return save_pipeline_folder(pipeline_components(module, merge_lora), out, PIPELINES[module.family])
     pipeline_cls = getattr(diffusers, PIPELINES[module.family])
     pipe = pipeline_cls(**pipeline_components(module, merge_lora))
     out = Path(out)

@@ -9,7 +9,8 @@ layout.py), with "caption" and "layout". The input is a JSON file holding a list
   "image" / "file_name", else `<id>.png|.jpg` in `--images`.
 - GLIGEN style (its inference inputs): {"file_name" | "image", "prompt" | "caption", "phrases": [...],
   "locations": [[x0, y0, x1, y1], ...]}, corners as fractions of the image (pixels with `--box-unit pixels`).
-A phrase found in the caption gets its box right after it; the others follow the caption ("..., with a cup
+A record key outside the format's `RECORD_KEYS` stops the conversion before anything is written, naming the
+record and the nearest known key (`--ignore-keys` drops such keys). A phrase found in the caption gets its box right after it; the others follow the caption ("..., with a cup
 [..]"). A record without a readable image, without boxes, or whose plan fails the format's checks is a
 counted skip (reasons in the summary and index.json).
 """
@@ -21,10 +22,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datamodules.convert.edit_jsonl import MultiRefShards, SkipRecord, read_image
+from datamodules.convert.edit_jsonl import MultiRefShards, SkipRecord, add_ignore_keys, check_keys, read_image
 from lightning_modules.components.layout import Layout, PlanError, Region, format_box, parse_layout, to_grid
 
 FORMATS = ("layoutgpt", "gligen")
+RECORD_KEYS = {  # what a record may hold; any other key is refused (--ignore-keys)
+    "layoutgpt": ("id", "prompt", "object_list", "image", "file_name"),
+    # GLIGEN's inference meta also names its checkpoint, alpha schedule and output folder (not used here)
+    "gligen": (
+        "id",
+        "file_name",
+        "image",
+        "prompt",
+        "caption",
+        "phrases",
+        "locations",
+        "ckpt",
+        "alpha_type",
+        "save_folder_name",
+    ),
+}
 
 
 def interleave(caption: str, regions: list[Region]) -> str:
@@ -85,13 +102,17 @@ def convert_file(
     split: str = "train",
     unit: str = "unit",
     shard_size: int = 200,
+    ignore_keys: list[str] | tuple[str, ...] = (),
 ) -> Any:
     """Convert one caption-box JSON file into `<out>/<split>-NNNNNN.tar` + index.json; returns the report."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose {', '.join(FORMATS)}")
+    records = _records(Path(json_path))
+    for i, record in enumerate(records):
+        check_keys(record, RECORD_KEYS[fmt], f"{json_path}: record {i}", ignore_keys)
     shards = MultiRefShards(out, split, fmt, shard_size)
     root = Path(images)
-    for i, record in enumerate(_records(Path(json_path))):
+    for i, record in enumerate(records):
         where = f"record {i}"
         try:
             if not isinstance(record, dict):
@@ -127,11 +148,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--box-unit", choices=("unit", "pixels"), default="unit", help="boxes as fractions or pixels"
     )
     parser.add_argument("--shard-size", type=int, default=200, help="samples per shard")
+    add_ignore_keys(parser)
 
 
 def run(args: argparse.Namespace, fmt: str) -> Path:
     """Run the conversion, print its summary and return the index path."""
-    report = convert_file(args.json, args.images, args.out, fmt, args.split, args.box_unit, args.shard_size)
+    report = convert_file(
+        args.json, args.images, args.out, fmt, args.split, args.box_unit, args.shard_size,
+        getattr(args, "ignore_keys", ()),
+    )  # fmt: skip
     print(report.summary())
     assert report.index is not None
     return report.index

@@ -60,8 +60,18 @@ class UnknownKey(ValueError):
     """A record key the converter does not know (a misspelt field would otherwise be silently dropped)."""
 
 
-def check_keys(record: Any, known: Iterable[str], where: str, ignored: Iterable[str] = ()) -> None:
-    """UnknownKey naming `where`, the first unknown key of a dict record and the known key it is closest to."""
+def check_keys(
+    record: Any,
+    known: Iterable[str],
+    where: str,
+    ignored: Iterable[str] = (),
+    escape: str | None = "--ignore-keys",
+) -> None:
+    """UnknownKey naming `where`, the first unknown key of a dict record and the known key it is closest to.
+
+    Every converter checks its records with this (one place); `escape` names the option that drops such keys
+    (None: there is none, e.g. a prompt file).
+    """
     if not isinstance(record, dict):
         return
     known = set(known)
@@ -69,10 +79,21 @@ def check_keys(record: Any, known: Iterable[str], where: str, ignored: Iterable[
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.4)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+        tail = f" ({escape} {' '.join(unknown)} converts such records without them)" if escape else ""
         raise UnknownKey(
-            f"{where}: unknown key {unknown[0]!r}{hint} in a record; known keys: {', '.join(sorted(known))} "
-            f"(--ignore-keys {' '.join(unknown)} converts such records without them)"
+            f"{where}: unknown key {unknown[0]!r}{hint} in a record; known keys: {', '.join(sorted(known))}{tail}"
         )
+
+
+def add_ignore_keys(parser: argparse.ArgumentParser) -> None:
+    """The --ignore-keys option every converter has: record keys (or columns) to drop instead of refusing."""
+    parser.add_argument(
+        "--ignore-keys",
+        nargs="*",
+        default=[],
+        metavar="KEY",
+        help="record keys (columns) to drop; any other unknown key is an error",
+    )
 
 
 def default_task(n_refs: int) -> str:
@@ -315,13 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="edit_jsonl", help="json 'source' field, e.g. unipic3, omnigen2")
     parser.add_argument("--max-refs", type=int, default=MAX_REFS, help="records with more inputs are skipped")
     parser.add_argument("--shard-size", type=int, default=200, help="samples per shard")
-    parser.add_argument(
-        "--ignore-keys",
-        nargs="*",
-        default=[],
-        metavar="KEY",
-        help="record keys to drop (others are an error)",
-    )
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:

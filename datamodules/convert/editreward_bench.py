@@ -18,6 +18,14 @@ from typing import Any
 from datamodules.convert.edit_jsonl import SkipRecord
 from datamodules.convert.preference_shards import Item, add_common_arguments, field, image_at, run
 
+RECORD_KEYS = (
+    "prompt",
+    "path_src",
+    "paths_generated",
+    "human_vote",
+    "id",
+)  # what a record may hold; any other key is refused (--ignore-keys)
+
 
 def convert_one(record: dict[str, Any], root: Path, where: str) -> Item:
     """One benchmark item -> (sources, candidates, instruction, ranking, orig_id, extra)."""
@@ -39,4 +47,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert the files; print the summary; return the index path."""
-    return run(args, "editreward_bench", convert_one)
+    return run(args, "editreward_bench", convert_one, RECORD_KEYS)

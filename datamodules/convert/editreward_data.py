@@ -29,6 +29,12 @@ def _score(record: dict[str, Any], k: int) -> float:
     )
 
 
+RECORD_KEYS = (
+    "prompt", "path_src", "path1", "path2", "model1_dim1_score", "model2_dim1_score", "model1_dim2_score",
+    "model2_dim2_score", "model1", "model2", "tie_case",
+)  # fmt: skip  # what a record may hold; any other key is refused (--ignore-keys)
+
+
 def convert_one(record: dict[str, Any], root: Path, where: str) -> Item:
     """One training pair -> (sources, candidates, instruction, ranking, orig_id, extra)."""
     prompt = field(record, "prompt", str)
@@ -52,4 +58,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert the files; print the summary; return the index path."""
-    return run(args, "editreward_data", convert_one)
+    return run(args, "editreward_data", convert_one, RECORD_KEYS)

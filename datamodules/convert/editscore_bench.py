@@ -19,6 +19,15 @@ from datamodules.convert.edit_jsonl import SkipRecord
 from datamodules.convert.preference_shards import Item, add_common_arguments, field, image_field, run
 from metrics.preference import EDITSCORE_DIMENSIONS, canonical_task
 
+RECORD_KEYS = (
+    "key",
+    "instruction",
+    "input_image",
+    "output_images",
+    "task_type",
+    "dimension",
+)  # what a record may hold; any other key is refused (--ignore-keys)
+
 
 def convert_one(record: dict[str, Any], root: Path, where: str) -> Item:
     """One benchmark row -> (sources, candidates, instruction, ranking, orig_id, extra)."""
@@ -55,4 +64,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert the files; print the summary; return the index path."""
-    return run(args, "editscore_bench", convert_one)
+    return run(args, "editscore_bench", convert_one, RECORD_KEYS)

@@ -29,7 +29,9 @@ adds the same for the other view (CCMP's training pairs); neither is planned or 
 {take_name, subsample_idx, objects: {object: {"ego-exo" | "exo-ego": {"<src>_<tgt>": {frames, shape}}}}}}},
 every annotated object of every take (an object without an ego camera has no pairs, but the official check
 counts it), `shape` the target's evaluation shape. `metrics.correspondence.SubmissionWriter` fills it.
-Bad masks and frames are skipped and counted per reason (in pairs); a malformed relations file raises.
+Bad masks and frames are skipped and counted per reason (in pairs); a malformed relations file raises, and so
+does a take or camera entry with a key outside TAKE_KEYS / CAMERA_KEYS (naming it and the nearest known key;
+`--ignore-keys` drops such keys).
 `index.json` (merged when converting several splits into one folder): kind "correspondence", source
 "egoexo4d", splits.<split> = {shards, counts, samples, settings, visible, scored, plan, options},
 skipped.<split> = {reason: pairs}.
@@ -51,11 +53,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from rich.progress import track
 
+from datamodules.convert.edit_jsonl import add_ignore_keys, check_keys
 from datamodules.webdataset import ShardWriter, encode_member, read_index, write_index
 from metrics.correspondence import eval_shape, resize_longest
 from omnilab.seeding import numpy_rng
 
 SETTINGS = ("ego-exo", "exo-ego", "ego-ego", "exo-exo")
+TAKE_KEYS = ("take_name", "object_masks")  # a take record of relations_{split}.json (§7); others are refused
+CAMERA_KEYS = ("annotated_frames", "annotation")  # one object's entry for one camera
 MEMBERS = ("json", "src.jpg", "src_mask.png", "tgt.jpg", "tgt_gt.png", "tgt_mask.png")
 DOWNSCALE = {True: 2, False: 4}  # processed frame = native // this (Aria: True, exo: False), §7
 SKIP_REASONS = (
@@ -147,7 +152,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_relations(path: str | Path) -> dict[str, Any]:
+def load_relations(path: str | Path, ignore_keys: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Read `relations_{split}.json`, check the released schema and return its `annotations` by take uid."""
     path = Path(path)
     if not path.is_file():
@@ -162,6 +167,7 @@ def load_relations(path: str | Path) -> dict[str, Any]:
     for take_uid, take in data["annotations"].items():
         at = f"annotations.{take_uid}"
         _require(isinstance(take, dict), path, at, "not an object")
+        check_keys(take, TAKE_KEYS, f"{path}: {at}", ignore_keys)
         _require(isinstance(take.get("take_name"), str), path, f"{at}.take_name", "missing or not a string")
         objects = take.get("object_masks")
         _require(
@@ -174,6 +180,7 @@ def load_relations(path: str | Path) -> dict[str, Any]:
             for cam, entry in cams.items():
                 ck = f"{at}.object_masks.{obj}.{cam}"
                 _require(isinstance(entry, dict), path, ck, "not an object")
+                check_keys(entry, CAMERA_KEYS, f"{path}: {ck}", ignore_keys)
                 frames = entry.get("annotated_frames")
                 _require(
                     isinstance(frames, list) and all(_is_int(f) for f in frames),
@@ -507,6 +514,7 @@ def convert_split(
     relaxed: bool = False,
     shard_size: int = 200,
     seed: int = 0,
+    ignore_keys: list[str] | tuple[str, ...] = (),
 ) -> Report:
     """Convert one relations file into `<out>/<split>-NNNNNN.tar` + index.json; return what was written."""
     relations, frames, out = Path(relations), Path(frames), Path(out)
@@ -517,7 +525,7 @@ def convert_split(
         split = found.group(1)
     if not re.fullmatch(r"\w+", split):
         raise ValueError(f"split name {split!r} must be letters, digits or '_'")
-    annotations = load_relations(relations)
+    annotations = load_relations(relations, ignore_keys)
     if not frames.is_dir():
         raise FileNotFoundError(f"frames root not found: {frames}")
     allowed = _split_takes(Path(split_file), split) if split_file is not None else None
@@ -593,6 +601,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shard-size", type=int, default=200, help="pairs per shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the asynchronous target-frame choice")
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:
@@ -607,6 +616,7 @@ def convert(args: argparse.Namespace) -> Path:
         relaxed=getattr(args, "relaxed_alignment", False),
         shard_size=args.shard_size,
         seed=getattr(args, "seed", 0),
+        ignore_keys=getattr(args, "ignore_keys", ()),
     )
     print(report.summary())
     return report.index

@@ -9,7 +9,8 @@ it as `{key}.png`; this converter writes the same source files, plus `cases.json
 key, task_type, instruction, instruction_language, intersection_exist, source = the relative path), which
 `datamodules.bench.gedit_bench_cases` reads. Files are read one record batch at a time. A row whose image
 does not decode or whose group or language is unknown is skipped and counted (printed, and in
-`cases.jsonl`'s sibling `convert_report.json`).
+`cases.jsonl`'s sibling `convert_report.json`). A parquet column outside COLUMNS and `input_image_raw` stops the
+conversion before anything is written, naming the file and the nearest known column (`--ignore-keys` drops it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datamodules.bench import GEDIT_GROUPS, GEDIT_LANGUAGES
+from datamodules.convert.edit_jsonl import add_ignore_keys, check_keys
 from datamodules.convert.mico150k import parquet_files
 
 COLUMNS = ("task_type", "key", "instruction", "instruction_language", "input_image", "Intersection_exist")
@@ -38,13 +40,22 @@ def _image_bytes(item: Any) -> bytes:
     return bytes(data)
 
 
-def convert_parquet(parquet: list[str | Path], out: str | Path, batch_size: int = 16) -> dict[str, Any]:
+def convert_parquet(
+    parquet: list[str | Path],
+    out: str | Path,
+    batch_size: int = 16,
+    ignore_keys: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Write `<out>/fullset/...` sources and `<out>/cases.jsonl`; return the report (written, skipped)."""
+    files = parquet_files(list(parquet))
+    for path in files:
+        names = pq.ParquetFile(path).schema_arrow.names
+        check_keys(dict.fromkeys(names), (*COLUMNS, "input_image_raw"), f"{path} (columns)", ignore_keys)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped, examples = Counter(), Counter(), {}
     records = []
-    for path in parquet_files(list(parquet)):
+    for path in files:
         file = pq.ParquetFile(path)
         missing = [c for c in COLUMNS if c not in file.schema_arrow.names]
         if missing:
@@ -93,11 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (the bench's data_dir)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows read from parquet at a time")
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:
     """Run the conversion, print its summary, return the cases.jsonl path."""
-    report = convert_parquet(args.parquet, args.out, args.batch_size)
+    report = convert_parquet(args.parquet, args.out, args.batch_size, getattr(args, "ignore_keys", ()))
     print(
         f"gedit_bench: wrote {report['cases']} cases -> {args.out / 'cases.jsonl'}; skipped {report['skipped']}"
     )

@@ -49,9 +49,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from rich.progress import track
 
+from datamodules.convert.edit_jsonl import add_ignore_keys, check_keys
 from datamodules.webdataset import ShardWriter, encode_member, read_index, write_index
 
 SETTING = "exo-exo"
+# a pair record of CCMP's handal_{split}_visual.json; any other key is refused (--ignore-keys)
+RECORD_KEYS = ("image", "image_info", "anns", "first_frame_image", "first_frame_anns", "new_img_id", "video_name")  # fmt: skip
 CAMERA = "rgb"
 PAIR_GAP = 100  # build_handal.py: the target is 100 frames after the source
 MEMBERS = ("json", "src.jpg", "src_mask.png", "tgt.jpg", "tgt_gt.png", "tgt_mask.png")
@@ -124,14 +127,17 @@ def video_of(path: str) -> str:
     return str(Path(path).parent.parent)
 
 
-def instances_from_json(path: Path) -> list[Instance]:
-    """The (pair, instance)s of a CCMP pair JSON (handal_{split}_visual.json)."""
+def instances_from_json(path: Path, ignore_keys: list[str] | tuple[str, ...] = ()) -> list[Instance]:
+    """The (pair, instance)s of a CCMP pair JSON (handal_{split}_visual.json); UnknownKey on a key outside
+    RECORD_KEYS."""
     if not path.is_file():
         raise FileNotFoundError(f"HANDAL-X pair JSON not found: {path}")
     records = json.loads(path.read_text())
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of pair records (handal_{{split}}_visual.json)")
     out = []
+    for i, rec in enumerate(records):
+        check_keys(rec, RECORD_KEYS, f"{path}: record {i}", ignore_keys)
     for i, rec in enumerate(records):
         try:
             src, tgt = rec["first_frame_image"], rec["image"]
@@ -303,6 +309,7 @@ def convert_split(
     from_folders: bool = False,
     val_fraction: float = 0.0,
     shard_size: int = 200,
+    ignore_keys: list[str] | tuple[str, ...] = (),
 ) -> Report:
     """Convert one HANDAL-X split (its pair JSON, or its folders) into `<out>/<split>-NNNNNN.tar` + index.json."""
     out, root = Path(out), Path(root)
@@ -315,7 +322,9 @@ def convert_split(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     items = (
-        instances_from_json(Path(json_path)) if json_path is not None else instances_from_folders(root, split)
+        instances_from_json(Path(json_path), ignore_keys)
+        if json_path is not None
+        else instances_from_folders(root, split)
     )
     names = sorted({split_of(i.video, split, val_fraction) for i in items} | {split})
     for name in names:
@@ -395,12 +404,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, required=True, help="output folder (an index.json there is merged)"
     )
     parser.add_argument("--shard-size", type=int, default=200, help="instance pairs per shard")
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:
     """Run the conversion the parsed arguments describe, print its summary and return the index path."""
     report = convert_split(
-        args.out, args.split, args.root, args.json, args.from_folders, args.val_fraction, args.shard_size
-    )
+        args.out, args.split, args.root, args.json, args.from_folders, args.val_fraction, args.shard_size,
+        getattr(args, "ignore_keys", ()),
+    )  # fmt: skip
     print(report.summary())
     return report.index

@@ -15,6 +15,15 @@ from typing import Any
 
 from datamodules.convert.preference_shards import Item, add_common_arguments, field, image_field, letters, run
 
+RECORD_KEYS = (
+    "pair_id",
+    "instruction",
+    "original_image",
+    "edited_images",
+    "label",
+    "sample_id",
+)  # what a record may hold; any other key is refused (--ignore-keys)
+
 
 def convert_one(record: dict[str, Any], root: Path, where: str) -> Item:
     """One row -> (sources, candidates, instruction, ranking, orig_id, extra)."""
@@ -40,4 +49,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert the files; print the summary; return the index path."""
-    return run(args, "mer_bench", convert_one)
+    return run(args, "mer_bench", convert_one, RECORD_KEYS)

@@ -9,7 +9,8 @@ time (`pyarrow.parquet.ParquetFile.iter_batches`, only the columns used), never 
 Writes the sample format of `datamodules/multiref.py` through the same writer as the JSONL converter
 (`datamodules/convert/edit_jsonl.py`): image bytes copied as they are when PNG or JPEG (`ref0.png` or
 `ref0.jpg` by sniffing), the task "compose" (2+ inputs) / "edit" (1) / "t2i" (0), source "mico150k",
-orig_id "<file>:<row>" (or the row's "id" column). Skips are counted per reason in index.json
+orig_id "<file>:<row>" (or the row's "id" column). A column outside COLUMNS and OPTIONAL_COLUMNS stops the
+conversion before anything is written, naming the file and the nearest known column (`--ignore-keys` drops it). Skips are counted per reason in index.json
 (`bad_record`, `unreadable_image`, `too_many_inputs`, `no_images`, `names_missing_image`).
 """
 
@@ -27,6 +28,8 @@ from datamodules.convert.edit_jsonl import (
     MultiRefShards,
     Report,
     SkipRecord,
+    add_ignore_keys,
+    check_keys,
     default_task,
     image_member,
 )
@@ -98,9 +101,13 @@ def convert_parquet(
     max_refs: int = MAX_REFS,
     shard_size: int = 200,
     batch_size: int = 16,
+    ignore_keys: list[str] | tuple[str, ...] = (),
 ) -> Report:
     """Convert MICo parquet files into `<out>/<split>-NNNNNN.tar` + index.json; return what was written."""
     files = parquet_files(parquet)
+    for path in files:
+        names = pq.ParquetFile(path).schema_arrow.names
+        check_keys(dict.fromkeys(names), (*COLUMNS, *OPTIONAL_COLUMNS), f"{path} (columns)", ignore_keys)
     shards = MultiRefShards(out, split, source, shard_size)
     for path in files:
         for row, record in iter_rows(path, batch_size):
@@ -127,6 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-refs", type=int, default=MAX_REFS, help="rows with more inputs are skipped")
     parser.add_argument("--shard-size", type=int, default=200, help="samples per shard")
     parser.add_argument("--batch-size", type=int, default=16, help="rows read from parquet at a time")
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:
@@ -139,6 +147,7 @@ def convert(args: argparse.Namespace) -> Path:
         max_refs=args.max_refs,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
+        ignore_keys=getattr(args, "ignore_keys", ()),
     )
     print(report.summary())
     assert report.index is not None

@@ -31,6 +31,12 @@ def _response_image(response: Any, root: Path, name: str) -> Any:
     return image_at(images[0][1], root)
 
 
+RECORD_KEYS = (
+    "id", "prompt_content", "response_a", "response_b", "chosen", "human_annotations", "prompt_source",
+    "prompt_metadata",
+)  # fmt: skip  # what a record may hold; any other key is refused (--ignore-keys)
+
+
 def convert_one(record: dict[str, Any], root: Path, where: str) -> Item:
     """One pair -> (sources, candidates, instruction, ranking, orig_id, extra)."""
     content = field(record, "prompt_content", list)
@@ -72,4 +78,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert the files; print the summary; return the index path."""
-    return run(args, "mmrb2", convert_one)
+    return run(args, "mmrb2", convert_one, RECORD_KEYS)

@@ -5,17 +5,21 @@ released layout into the item format of `datamodules/preference.py` with `conver
 becomes one item or a counted skip (reasons in SKIP_REASONS, one example each in the summary), and
 `index.json` (kind "preference", merged when several splits or sources go into one folder) records
 splits.<split> = {shards, counts, samples, subsets, source, benchmark} and skipped.<split>.
+
+Each converter names the keys its records may hold (`RECORD_KEYS`); a record with another key (a parquet
+column, a JSON field) stops the conversion before anything is written, naming the file, the record and the
+nearest known key (`edit_jsonl.check_keys`); `--ignore-keys` drops such keys instead.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from datamodules.convert.edit_jsonl import Report, SkipRecord, image_member
+from datamodules.convert.edit_jsonl import Report, SkipRecord, add_ignore_keys, check_keys, image_member
 from datamodules.preference import MAX_CANDIDATES, MAX_SOURCES, parse_ranking
 from datamodules.webdataset import BadSample, ShardWriter, read_index, write_index
 
@@ -191,13 +195,21 @@ def convert_records(
     convert_one: Callable[[Any, Path, str], Item],
     image_root: str | Path | None = None,
     shard_size: int = 200,
+    keys: Iterable[str] | None = None,
+    ignore_keys: Iterable[str] = (),
 ) -> Report:
     """Run `convert_one(record, image root, where) -> (sources, candidates, instruction, ranking, orig_id,
-    extra)` over every record of `files`; write the items, count the skips; return the report."""
+    extra)` over every record of `files`; write the items, count the skips; return the report.
+
+    `keys`: the keys a record may hold (None: any); another one is an UnknownKey before anything is written.
+    """
     paths = [Path(p) for p in files]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"input file not found: {path}")
+    if keys is not None:
+        for path in paths:
+            check_file_keys(path, keys, ignore_keys)
     shards = PreferenceShards(out, split, source, benchmark, shard_size)
     for path in paths:
         root = Path(image_root) if image_root is not None else path.parent
@@ -211,8 +223,20 @@ def convert_records(
     return shards.close({"files": [p.name for p in paths], "image_root": str(image_root or "")})
 
 
+def check_file_keys(path: Path, keys: Iterable[str], ignore_keys: Iterable[str] = ()) -> None:
+    """UnknownKey for the first record of `path` with a key outside `keys` (parquet: its columns, checked once)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(path).schema_arrow.names
+        check_keys(dict.fromkeys(names), keys, f"{path} (columns)", ignore_keys)
+        return
+    for where, record in iter_records(path):
+        check_keys(record, keys, str(path.parent / where), ignore_keys)
+
+
 def add_common_arguments(parser: Any, what: str, default_source: str) -> None:
-    """--input, --out, --split, --image-root, --source, --shard-size."""
+    """--input, --out, --split, --image-root, --source, --shard-size, --ignore-keys."""
     parser.add_argument("--input", type=Path, nargs="+", required=True, help=what)
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder (an index.json there is merged)"
@@ -226,10 +250,16 @@ def add_common_arguments(parser: Any, what: str, default_source: str) -> None:
     )
     parser.add_argument("--source", default=default_source, help="json 'source' field")
     parser.add_argument("--shard-size", type=int, default=200, help="items per shard")
+    add_ignore_keys(parser)
 
 
-def run(args: Any, benchmark: str, convert_one: Callable[[Any, Path, str], Item]) -> Path:
-    """Convert what the parsed arguments name; print the summary; return the index path."""
+def run(
+    args: Any,
+    benchmark: str,
+    convert_one: Callable[[Any, Path, str], Item],
+    keys: Iterable[str] | None = None,
+) -> Path:
+    """Convert what the parsed arguments name (records may hold `keys`); print the summary; return the index."""
     report = convert_records(
         args.input,
         args.out,
@@ -239,6 +269,8 @@ def run(args: Any, benchmark: str, convert_one: Callable[[Any, Path, str], Item]
         convert_one,
         args.image_root,
         args.shard_size,
+        keys,
+        getattr(args, "ignore_keys", ()),
     )
     print(report.summary())
     assert report.index is not None

@@ -8,7 +8,8 @@ Two kinds of source, both written in the format of `datamodules/restoration.py`:
   "x_x1.png" / "x_x4.png"), each pair checked to be exactly 1 : scale in size.
 
 `--captions FILE` (JSON object or JSON lines: {"image" or "file": name, "caption" or "description": text}) adds the
-descriptions PURE's answers need (PURE used LLaVA captions of the HQ images; none ship with these datasets).
+descriptions PURE's answers need (PURE used LLaVA captions of the HQ images; none ship with these datasets); a
+caption row with another key is refused, naming it and the nearest known one (`--ignore-keys` drops such keys).
 Image bytes are copied as they are when PNG or JPEG; other formats are re-encoded as PNG. Unreadable images, images
 smaller than `--min-size`, unpaired files and size mismatches are skipped and counted per reason in index.json.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 from rich.progress import track
 
-from datamodules.convert.edit_jsonl import SkipRecord, image_member
+from datamodules.convert.edit_jsonl import SkipRecord, add_ignore_keys, check_keys, image_member
 from datamodules.webdataset import IMAGE_EXTS, ShardWriter, read_index, write_index
 
 PAIR_TAG = re.compile(r"[_-](hr|lr\d*|x\d+|gt|lq|hq)$", re.IGNORECASE)
@@ -56,7 +57,10 @@ def sample_key(name: str, taken: set[str]) -> str:
     return key
 
 
-def read_captions(path: str | Path | None) -> dict[str, str]:
+CAPTION_KEYS = ("image", "file", "caption", "description")  # what a caption row may hold
+
+
+def read_captions(path: str | Path | None, ignore_keys: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     """{image file name (and stem): caption} from a JSON object or JSON lines file."""
     if path is None:
         return {}
@@ -70,7 +74,8 @@ def read_captions(path: str | Path | None) -> dict[str, str]:
     except json.JSONDecodeError:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     out: dict[str, str] = {}
-    for row in rows:
+    for i, row in enumerate(rows):
+        check_keys(row, CAPTION_KEYS, f"{path}: caption row {i + 1}", ignore_keys)
         name = row.get("image") or row.get("file")
         caption = row.get("caption") or row.get("description")
         if not isinstance(name, str) or not isinstance(caption, str):
@@ -107,6 +112,7 @@ def convert_folders(
     min_size: int = 0,
     shard_size: int = 200,
     source: str = "folder",
+    ignore_keys: list[str] | tuple[str, ...] = (),
 ) -> tuple[Path, int, Counter, dict[str, str]]:
     """Write one split; return (index path, samples written, skips per reason, an example per reason)."""
     if not re.fullmatch(r"\w+", split):
@@ -122,7 +128,7 @@ def convert_folders(
     for stale in out.glob(f"{split}-*.tar"):
         if re.fullmatch(rf"{split}-\d{{6}}\.tar", stale.name):
             stale.unlink()
-    texts = read_captions(captions)
+    texts = read_captions(captions, ignore_keys)
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
     if lq is None:
@@ -191,6 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=0, help="skip HQ images whose short side is smaller")
     parser.add_argument("--shard-size", type=int, default=200)
     parser.add_argument("--source", default="folder", help="dataset name stored with each sample")
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:
@@ -206,6 +213,7 @@ def convert(args: argparse.Namespace) -> Path:
         args.min_size,
         args.shard_size,
         args.source,
+        getattr(args, "ignore_keys", ()),
     )
     print(f"restoration/{split}: wrote {written} samples -> {path}")
     for reason, count in sorted(skipped.items()):

@@ -17,7 +17,9 @@ never runs a teacher.
   0.88), masks overlapping a kept one by IoU > 0.7 dropped, painted largest first with colours from a fixed
   seeded palette (SAM AMG's stability-score filter and crop layers are not reproduced).
 
-Unreadable images and records without an image or a question/answer pair are skipped and counted per reason.
+Unreadable images and records without an image or a question/answer pair are skipped and counted per reason; a
+record with a key outside RECORD_KEYS stops the conversion before a teacher runs, naming the record and the
+nearest known key (`--ignore-keys` drops such keys).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.progress import track
 
+from datamodules.convert.edit_jsonl import add_ignore_keys, check_keys
 from datamodules.convert.restoration import sample_key
 from datamodules.webdataset import ShardWriter, write_index
 
@@ -152,6 +155,9 @@ def qa_items(conversations: Any) -> list[dict[str, str]]:
     return items
 
 
+RECORD_KEYS = ("id", "image", "conversations", "model")  # a LLaVA record (some name the model that wrote it)
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON list or JSON lines file."""
     text = Path(path).read_text()
@@ -160,6 +166,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         return data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def checked_records(path: str | Path, ignore_keys: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The records of `path`; UnknownKey naming the first record with a key outside RECORD_KEYS."""
+    rows = read_records(path)
+    for i, row in enumerate(rows):
+        check_keys(row, RECORD_KEYS, f"{path}: record {i + 1}", ignore_keys)
+    return rows
 
 
 def convert_records(
@@ -171,9 +185,10 @@ def convert_records(
     split: str = "train",
     shard_size: int = 200,
     limit: int | None = None,
+    ignore_keys: list[str] | tuple[str, ...] = (),
 ) -> tuple[Path, int, Counter]:
     """Write one split of scene shards with the teachers' targets; return (index, written, skips per reason)."""
-    rows = read_records(records)[:limit]
+    rows = checked_records(records, ignore_keys)[:limit]
     skipped: Counter = Counter()
     keys: set[str] = set()
     written = 0
@@ -230,15 +245,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iou-threshold", type=float, default=0.88, help="SAM AMG's predicted-IoU threshold")
     parser.add_argument("--shard-size", type=int, default=200)
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N records")
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:
-    """Run both teachers over the records and write the shards."""
+    """Run both teachers over the records and write the shards (the records' keys are checked first)."""
+    checked_records(args.records, getattr(args, "ignore_keys", ()))
     depth = DepthTeacher(args.depth_model)
     seg = SegmentationTeacher(args.sam_model, args.points_per_side, args.iou_threshold)
     path, written, skipped = convert_records(
-        args.records, args.image_root, args.out, depth, seg, args.split, args.shard_size, args.limit
-    )
+        args.records, args.image_root, args.out, depth, seg, args.split, args.shard_size, args.limit,
+        getattr(args, "ignore_keys", ()),
+    )  # fmt: skip
     print(f"teachers/{args.split}: wrote {written} samples -> {path}")
     for reason, count in sorted(skipped.items()):
         print(f"  skipped {count} ({reason})")

@@ -17,7 +17,9 @@ The benchmarks UniMRG reports (docs/methods/unimrg.md), read in their released l
 - `vsr`: the JSON lines ({image, caption, label 1/0, relation}) beside the COCO image folder; the question is
   "Is this statement true: <caption>?" with options yes/no.
 
-Records whose image is missing or unreadable are skipped and counted per reason in index.json.
+Records whose image is missing or unreadable are skipped and counted per reason in index.json. A column or
+record key outside the format's RECORD_KEYS stops the conversion before anything is written, naming the file,
+the record and the nearest known key (`--ignore-keys` drops such keys).
 """
 
 from __future__ import annotations
@@ -35,10 +37,57 @@ from typing import Any
 
 from PIL import Image
 
+from datamodules.convert.edit_jsonl import add_ignore_keys, check_keys
 from datamodules.convert.restoration import sample_key
 from datamodules.webdataset import ShardWriter, write_index
 
 FORMATS = ("mmbench", "mmvp", "hallusionbench", "realworldqa", "vsr")
+# the columns / keys of each released layout; any other is refused (--ignore-keys)
+RECORD_KEYS = {
+    "mmbench": (
+        "index",
+        "question",
+        "hint",
+        "A",
+        "B",
+        "C",
+        "D",
+        "answer",
+        "category",
+        "l2-category",
+        "image",
+        "source",
+        "comment",
+        "split",
+    ),
+    "mmvp": ("Index", "Question", "Options", "Correct Answer"),
+    "hallusionbench": (
+        "category",
+        "subcategory",
+        "visual_input",
+        "set_id",
+        "figure_id",
+        "sample_note",
+        "question_id",
+        "question",
+        "gt_answer_details",
+        "gt_answer",
+        "filename",
+    ),
+    "realworldqa": ("image", "question", "answer"),
+    "vsr": (
+        "image",
+        "image_link",
+        "caption",
+        "label",
+        "relation",
+        "subj",
+        "obj",
+        "annotator_id",
+        "vote_true_validator_id",
+        "vote_false_validator_id",
+    ),
+}
 LETTERED = re.compile(r"^\s*([A-F])[.)]\s", re.MULTILINE)
 
 
@@ -175,12 +224,47 @@ def vsr(root: Path, images: Path) -> Iterator[dict[str, Any] | Skip]:
         }
 
 
-def records(fmt: str, root: Path, images: Path | None) -> Iterator[dict[str, Any] | Skip]:
-    """The records of a benchmark ({key, image (bytes or a file path), question, answer, options, type}) or Skips."""
+def check_format_keys(fmt: str, root: Path, ignore_keys: list[str] | tuple[str, ...] = ()) -> None:
+    """UnknownKey when a column (TSV, CSV, parquet: its header) or a record (JSON, JSON lines) of the benchmark
+    holds a key outside RECORD_KEYS[fmt]."""
+    known = RECORD_KEYS[fmt]
+
+    def check(keys: Any, where: str) -> None:
+        check_keys(dict.fromkeys(keys), known, where, ignore_keys)
+
+    if fmt in ("mmbench", "mmvp"):
+        path = root if fmt == "mmbench" else root / "Questions.csv"
+        csv.field_size_limit(1 << 30)
+        with path.open(newline="") as f:
+            check(next(csv.reader(f, delimiter="\t" if fmt == "mmbench" else ",")), f"{path} (columns)")
+    elif fmt == "realworldqa":
+        import pyarrow.parquet as pq
+
+        for file in sorted(root.glob("*.parquet")) if root.is_dir() else [root]:
+            check(pq.ParquetFile(file).schema_arrow.names, f"{file} (columns)")
+    elif fmt == "hallusionbench":
+        path = root / "HallusionBench.json"
+        for i, row in enumerate(json.loads(path.read_text())):
+            check(row if isinstance(row, dict) else {}, f"{path}: record {i}")
+    else:
+        for n, line in enumerate(root.read_text().splitlines(), start=1):
+            if line.strip():
+                row = json.loads(line)
+                check(row if isinstance(row, dict) else {}, f"{root}:{n}")
+
+
+def records(
+    fmt: str, root: Path, images: Path | None, ignore_keys: list[str] | tuple[str, ...] = ()
+) -> Iterator[dict[str, Any] | Skip]:
+    """The records of a benchmark ({key, image (bytes or a file path), question, answer, options, type}) or Skips.
+
+    The benchmark's columns / record keys are checked first (`check_format_keys`).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not root.exists():
         raise FileNotFoundError(f"--root {root}: no such file or folder")
+    check_format_keys(fmt, root, ignore_keys)
     if fmt == "vsr":
         if images is None:
             raise ValueError("--format vsr needs --images (the COCO image folder)")
@@ -191,13 +275,18 @@ def records(fmt: str, root: Path, images: Path | None) -> Iterator[dict[str, Any
 
 
 def convert_bench(
-    fmt: str, root: str | Path, out: str | Path, images: str | Path | None = None, split: str = "test"
+    fmt: str,
+    root: str | Path,
+    out: str | Path,
+    images: str | Path | None = None,
+    split: str = "test",
+    ignore_keys: list[str] | tuple[str, ...] = (),
 ) -> tuple[Path, int, Counter]:
     """Write the benchmark as one evaluation split; return (index path, samples written, skips per reason)."""
     skipped: Counter = Counter()
     keys: set[str] = set()
     written = 0
-    stream = records(fmt, Path(root), Path(images) if images else None)
+    stream = records(fmt, Path(root), Path(images) if images else None, ignore_keys)
     with ShardWriter(out, split, max_count=500) as writer:
         for rec in stream:
             try:
@@ -237,11 +326,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", default=None, help="VSR: the COCO image folder")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="test")
+    add_ignore_keys(parser)
 
 
 def convert(args: argparse.Namespace) -> Path:
     """Convert one benchmark."""
-    path, written, skipped = convert_bench(args.format, args.root, args.out, args.images, args.split)
+    path, written, skipped = convert_bench(
+        args.format, args.root, args.out, args.images, args.split, getattr(args, "ignore_keys", ())
+    )
     print(f"{args.format}/{args.split}: wrote {written} samples -> {path}")
     for reason, count in sorted(skipped.items()):
         print(f"  {reason}: {count}")

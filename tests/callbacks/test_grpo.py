@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -28,7 +29,13 @@ from omnilab.allowlist import RefusedImport
 from rewards.base import Reward
 from rewards.remote import RemoteReward
 from tests.lightning_modules.test_flow_edit import QUIET
-from tests.lightning_modules.test_flow_grpo import one_thread, prompt_loader, tiny_grpo, tokenizer_cache
+from tests.lightning_modules.test_flow_grpo import (
+    one_thread,
+    prompt_batch,
+    prompt_loader,
+    tiny_grpo,
+    tokenizer_cache,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 __all__ = ["one_thread", "tokenizer_cache"]  # module-scoped fixtures: one thread, a private tokenizer cache
@@ -52,13 +59,13 @@ class Recorder(L.Callback):
         self.stats.append({k: float(v) for k, v in metrics.items() if k.startswith("grpo/")})
 
 
-def fit(callback: GRPORollouts, max_steps: int, model=None, val: bool = False, **trainer_kw):
-    """Fit a tiny FlowGRPO on the prompt batch for max_steps with `callback` (and a Recorder before it)."""
+def fit(callback: GRPORollouts, max_steps: int, model=None, val: bool = False, loader=None, **trainer_kw):
+    """Fit a tiny FlowGRPO on the prompt batch (or `loader`) for max_steps with `callback` (and a Recorder)."""
     model = model or tiny_grpo()
     recorder = Recorder()
     args = {**QUIET, "max_steps": max_steps, "limit_val_batches": 0, **trainer_kw}
     trainer = L.Trainer(callbacks=[recorder, callback], **args)
-    trainer.fit(model, prompt_loader(), prompt_loader(length=1) if val else None)
+    trainer.fit(model, loader or prompt_loader(), prompt_loader(length=1) if val else None)
     return trainer, model, recorder
 
 
@@ -408,3 +415,62 @@ def test_under_ddp_a_reward_failing_on_one_rank_is_skipped_on_both(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["skipped"] for r in ranks] == [1, 1] and [r["step"] for r in ranks] == [4, 4]
     assert ranks[0]["lora"] == ranks[1]["lora"]  # the ranks stayed in sync
+
+
+def test_group_grids_print_each_samples_reward_and_advantage_every_n_steps(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import callbacks.images as images
+
+    drawn, scored = [], []
+    real = images.label_grid
+
+    def recording_label_grid(*args, **kw):
+        drawn.append(kw)
+        return real(*args, **kw)
+
+    def recorded_redness(images_, prompts, references, meta):
+        out = redness(images_, prompts, references, meta)
+        scored.append(out["score"].clone())
+        return out
+
+    monkeypatch.setattr(images, "label_grid", recording_label_grid)
+    batch = prompt_batch(refs=[[torch.zeros(3, 16, 16)], []])  # group 1 edits a reference, group 2 has none
+    callback = grpo({"red": recorded_redness}, grid_every_n_steps=2, grid_cell=32)
+    from tests.callbacks.test_images import RecordingMLFlow
+
+    logger = RecordingMLFlow()
+    _, _, rec = fit(
+        callback, max_steps=3, default_root_dir=tmp_path, loader=prompt_loader(batch), logger=logger
+    )
+    assert [f for _, f, _ in logger.images] == [
+        "samples/grpo_step_000000.png",
+        "samples/grpo_step_000002.png",
+    ]
+    # rollouts at steps 0, 1, 2: grids at the first rollout from each multiple of 2
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["grpo_step_000000.png", "grpo_step_000002.png"]  # fmt: skip
+    assert len(drawn) == 2 and callback.next_grid == 4
+    first = drawn[0]
+    assert first["names"] == ["reference 1", "sample 1", "sample 2", "sample 3", "sample 4"]
+    # what the module trained on at step 0 (steps_per_rollout=1: the whole rollout, both groups kept)
+    trained = rec.slices[0]
+    assert len(trained) == 8 and trained.prompts == ["a red image"] * 4 + ["a red square"] * 4
+    for k, row in enumerate(first["labels"]):
+        assert row[0] == ""  # the reference column has no numbers
+        for j, label in enumerate(row[1:]):
+            reward_line, advantage_line = label.split("\n")
+            assert float(reward_line.removeprefix("r ")) == pytest.approx(
+                float(scored[0][4 * k + j]), abs=1e-4
+            )
+            assert float(advantage_line.removeprefix("A ")) == pytest.approx(float(trained.advantages[4 * k + j]), abs=1e-4)  # fmt: skip
+    # the advantages printed are the group-normalised rewards (std_scope "group"), worked here by hand
+    for k in range(2):
+        r = scored[0][4 * k : 4 * k + 4].double()
+        expected = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)  # the population std
+        printed = [float(label.split("\n")[1][2:]) for label in first["labels"][k][1:]]
+        assert printed == pytest.approx(expected.tolist(), abs=2e-3)
+    # 5 columns (1 reference + G = 4 samples) of 32 px with 4 px gaps; 2 rows with label and caption bands
+    image = Image.open(tmp_path / "samples" / "grpo_step_000000.png")
+    assert image.width == 5 * 32 + 6 * 4 and image.height > 16 + 2 * 32
+    gray = np.asarray(image.convert("L")).astype(int)
+    assert (gray[16 + 32 : 16 + 32 + 24, 40:72] < 128).sum() > 10  # numbers under sample 1 of row 1

@@ -181,3 +181,132 @@ def test_a_labelled_grid_names_its_columns_and_prints_each_instruction():
     band = image[16 + 64 : 16 + 64 + 12, : grid.width // 2]  # under the first row: its instruction
     assert (band < 128).sum() > 10
     assert (np.asarray(plain.convert("L"))[16 + 64 : 16 + 64 + 4] > 200).all()  # no caption: the gap is blank
+
+
+# --------------------------------------------------------------------------- prompts of one's own (a JSONL)
+
+
+def write_prompts(folder, records: list) -> str:
+    """A prompt JSONL in `folder` with its images (paths relative to it): red 24x16, blue 16x16, green 20x20."""
+    from PIL import Image
+
+    (folder / "img").mkdir(exist_ok=True)
+    for name, size, colour in (("red", (24, 16), (255, 0, 0)), ("blue", (16, 16), (0, 0, 255)), ("green", (20, 20), (0, 255, 0))):  # fmt: skip
+        Image.new("RGB", size, colour).save(folder / "img" / f"{name}.png")
+    path = folder / "prompts.jsonl"
+    path.write_text(
+        "".join((r if isinstance(r, str) else __import__("json").dumps(r)) + "\n" for r in records)
+    )
+    return str(path)
+
+
+GOOD = [
+    {"instruction": "make image 1 blue", "input_images": ["img/red.png"], "output_image": "img/blue.png"},
+    {"instruction": "put image 2 beside image 1", "input_images": ["img/red.png", "img/green.png"]},
+]
+
+
+def test_own_prompts_replace_the_validation_batch_and_a_record_without_target_shows_a_blank(tmp_path):
+    path = write_prompts(tmp_path, GOOD)
+    module = Sampler()
+    grid = SampleGrid(every_n_steps=2, k=4, cell=16, prompts=path)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=2, callbacks=[grid], logger=False, accelerator="cpu",
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=Data())
+    assert module.calls == [2]
+    batch = grid.batch
+    assert batch["instruction"] == [r["instruction"] for r in GOOD] and batch["task"] == ["edit", "compose"]
+    assert [len(r) for r in batch["refs"]] == [1, 2]
+    red = batch["refs"][0][0]
+    assert red.shape == (3, 16, 24) and torch.allclose(red[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    assert torch.allclose(batch["target"][0][:, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))  # blue: the output
+    assert batch["target"][1].shape == red.shape  # no output_image: sized like the first input
+    image = np.asarray(Image.open(tmp_path / "samples" / "step_000002.png").convert("RGB")).astype(int)
+    # columns: 2 references, target, prediction (16 px cells, 4 px gaps); rows under the 16 px header, each
+    # followed by its caption band: height = 16 + 2 * (16 + 4 + band) + 4
+    band = (image.shape[0] - 16 - 4) // 2 - 20
+    second_row = 16 + 16 + 4 + band
+    target_cell = image[second_row + 8, 4 + 2 * 20 + 8]
+    assert (abs(target_cell - 204) <= 1).all()  # the second record's target is the grey (0.6) blank
+    first_target = image[16 + 8, 4 + 2 * 20 + 8]
+    assert tuple(first_target) == (0, 0, 255)  # the first record's target: its blue output image
+
+
+def test_own_prompts_go_through_the_multiref_validation_transform(tmp_path):
+    from callbacks.images import read_prompts
+    from datamodules.multiref import MultiRefTransform
+
+    path = write_prompts(tmp_path, GOOD)
+    transform = MultiRefTransform(
+        budget=torch.tensor([32]), base_budget=32, target_budget=32, multiple=16, min_side=16,
+        upscale=True, train=False,
+    )  # fmt: skip
+    batch = read_prompts(path, transform)
+    # the budget rule of the data kind (B = 32: B² pixels): refs under 32² pixels together, multiples of 16; the target under its own
+    assert all(x.shape[-1] % 16 == 0 and x.shape[-2] % 16 == 0 for r in batch["refs"] for x in r)
+    assert sum(x.shape[-1] * x.shape[-2] for x in batch["refs"][1]) <= 32 * 32
+    assert tuple(batch["target"][0].shape[-2:]) == (32, 32)
+    assert batch["grid_no_target"] == [False, True] and batch["n_refs"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("record", "error", "message"),
+    [
+        (
+            {"instruction": "x", "inputs": ["img/red.png"]},
+            "UnknownKey",
+            r"prompts.jsonl:2: unknown key 'inputs' \(did you mean 'input_images'\?\)",
+        ),
+        (
+            {"instruction": "x", "input_images": ["img/nothere.png"]},
+            "FileNotFoundError",
+            r"prompts.jsonl:2: input_images\[0\] 'img/nothere.png'",
+        ),
+        (
+            {"instruction": 3, "input_images": ["img/red.png"]},
+            "ValueError",
+            r"prompts.jsonl:2: instruction must be a string",
+        ),
+        (
+            {"instruction": "x", "output_image": 5},
+            "ValueError",
+            r"prompts.jsonl:2: output_image must be an image path",
+        ),
+        ({"instruction": "x"}, "ValueError", r"prompts.jsonl:2: give output_image or input_images"),
+        ("not json", "ValueError", r"prompts.jsonl:2: not a JSON object"),
+    ],
+)
+def test_a_bad_prompt_record_is_an_error_naming_file_line_and_key(tmp_path, record, error, message):
+    from callbacks.images import read_prompts
+
+    path = write_prompts(tmp_path, [GOOD[0], record])
+    with pytest.raises(Exception, match=message) as info:
+        read_prompts(path)
+    assert type(info.value).__name__ == error
+    assert "--ignore-keys" not in str(info.value)  # a prompt file has no such option
+
+
+def test_a_missing_prompt_file_is_refused_when_the_callback_is_made(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothere\.jsonl"):
+        SampleGrid(prompts=str(tmp_path / "nothere.jsonl"))
+
+
+def test_a_flow_model_samples_the_own_prompts_at_the_sizes_the_data_kind_gives(tmp_path, monkeypatch):
+    from callbacks.images import read_prompts
+    from datamodules.multiref import MultiRefTransform
+    from tests.lightning_modules.test_flow_edit import tiny
+
+    transform = MultiRefTransform(
+        budget=torch.tensor([32]), base_budget=32, target_budget=32, multiple=16, min_side=16, upscale=True,
+        train=False,
+    )  # fmt: skip
+    batch = read_prompts(write_prompts(tmp_path, GOOD), transform)
+    monkeypatch.setenv("OMNILAB_CACHE", str(tmp_path / "cache"))  # the tiny tokenizers are built here
+    rows = tiny("sd3_kontext").eval().sample_grid(batch, 2)
+    assert [len(r) for r, _, _ in rows] == [1, 2]
+    # each prediction at its target's size: the output's, or (no output_image) what the rule gives the first input
+    assert [tuple(p.shape) for _, _, p in rows] == [tuple(t.shape) for t in batch["target"]]
+    assert all(torch.isfinite(p).all() and p.abs().max() <= 1 for _, _, p in rows)

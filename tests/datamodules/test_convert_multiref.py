@@ -201,8 +201,13 @@ def test_mico_parquet_rows_are_read_in_record_batches(tmp_path):
 
 def test_a_parquet_without_the_bagel_columns_is_refused(tmp_path):
     pq.write_table(pa.table({"images": [[b"x"]]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="no column"):
+    with pytest.raises(
+        UnknownKey, match=r"bad.parquet \(columns\): unknown key 'images' \(did you mean 'image_list'\?\)"
+    ):
         convert_parquet([tmp_path / "bad.parquet"], tmp_path / "out")
+    with pytest.raises(ValueError, match="no column"):  # the misspelt column dropped: image_list is missing
+        convert_parquet([tmp_path / "bad.parquet"], tmp_path / "out", ignore_keys=["images"])
+    assert not (tmp_path / "out" / "index.json").exists()  # refused before anything was written
 
 
 def test_converting_into_a_folder_of_another_kind_is_refused_before_touching_it(jsonl_set, tmp_path):
