@@ -89,7 +89,12 @@ def test_each_repair_is_warned_naming_its_reason(caplog):
     with caplog.at_level("WARNING", logger="lightning_modules.components.layout"):
         parse_layout(text, stats=PlanStats())
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert [m.split("(")[1].split(")")[0] for m in warned] == ["inverted", "duplicate", "out_of_grid", "unparsable"]
+    assert [m.split("(")[1].split(")")[0] for m in warned] == [
+        "inverted",
+        "duplicate",
+        "out_of_grid",
+        "unparsable",
+    ]
     assert "'a dog'" in warned[2] and "-20" in warned[2]
 
 
