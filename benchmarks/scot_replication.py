@@ -2,9 +2,10 @@
 
 SCoT's claim (SCoT paper, arXiv 2602.11980; docs/methods/scot.md): a diffusion model trained on captions in the interleaved
 text-coordinate format, given an MLLM planner's layout, follows spatial requests that a text-only model misses.
-In miniature, on `omnilab data synth layout` scenes at 32 x 32 px (coloured shapes and real-photo objects with
-dense captions; text-to-image only), the tiny SD3-Kontext-style SCoT of experiments/scot/tiny.yaml is trained
-from scratch for `--steps` steps in each arm, with 3 seeds (init, data order, noise):
+In miniature, on `omnilab data synth layout` scenes at `--side` px (by default only the test's kind: two flat
+shapes in a GenEval relation, or one shape 2-4 times, on flat backgrounds, with dense captions; `--all-scenes`
+adds the dense scenes with real-photo objects; text-to-image only), a tiny SD3-Kontext-style SCoT (4 layers,
+width 64) is trained from scratch for `--steps` steps in each arm, with 3 seeds (init, data order, noise):
 
 - text: the caption without coordinates ("a red circle left of a blue star on a white background"), no
   planner at test: the held-out caption itself (it names the relation or the count);
@@ -142,8 +143,8 @@ def build(arm: str, vae: Path, args: argparse.Namespace, seed: int) -> SCoT:
     torch.manual_seed(seed)
     model = SCoT(
         backbone=BACKBONE, vae={"pretrained": str(vae)}, text=TEXT, conditioning=arm, max_ref_tokens=None,
-        timesteps={"shift": 3.0}, lr=args.lr, warmup_steps=10, lr_schedule="cosine", drop_text=0.1,
-        sampler={"steps": args.sample_steps, "guidance": args.guidance, "shift": 3.0}, val_sample_steps=0, seed=seed,
+        timesteps={"shift": args.shift}, lr=args.lr, warmup_steps=10, lr_schedule="cosine", drop_text=0.1,
+        sampler={"steps": args.sample_steps, "guidance": args.guidance, "shift": args.shift}, val_sample_steps=0, seed=seed,
     )  # fmt: skip
     model.configure_model()
     return model
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae", type=Path, default=None, help="a VAE folder fitted before (skips the fit)")
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=3.5)
+    parser.add_argument("--shift", type=float, default=3.0, help="timestep shift, training and sampling")
     parser.add_argument(
         "--all-scenes", action="store_true", help="train on every kind of scene, not only the test's"
     )
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = (
         f"SD3-Kontext-style DiT (4 layers, width 64, random init), tiny CLIP + T5 (frozen, random init, T5 reads 128 "
         f"tokens), a tiny VAE fitted to the scenes ({args.vae_steps} steps); {args.steps} steps of batch "
-        f"{args.batch_size}, lr {args.lr} (warm-up 10, cosine), text dropout 0.1, on {args.train} generated "
+        f"{args.batch_size}, lr {args.lr} (warm-up 10, cosine), timestep shift {args.shift}, text dropout 0.1, on {args.train} generated "
         f"text-to-image scenes at {args.side} x {args.side} px; seeds {args.seeds}. Test: {args.test} held-out "
         f"generated prompts (position and counting, GenEval wording and metadata), {args.sample_steps} Euler steps, "
         f"CFG {args.guidance}; the exact colour detector; mean ± std over seeds. position_acc / counting_acc: "
