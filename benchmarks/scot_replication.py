@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"arm": name, "seeds": "-", **{m: f"{scores[m]:.3f}" for m in METRICS}})
     total, end_load = time.perf_counter() - started, os.getloadavg()
     notes = (
-        f"SD3-Kontext-style DiT (4 layers, width 64, random init), tiny CLIP + T5 (frozen, random init, T5 reads 128 "
-        f"tokens), a tiny VAE fitted to the scenes ({args.vae_steps} steps); {args.steps} steps of batch "
+        f"SD3-Kontext-style DiT (4 layers, width 64, random init), tiny CLIP + T5 (frozen, random init, CLIP reads "
+        f"{TEXT['tokenizer']['clip']['model_max_length']} tokens, T5 {TEXT['max_sequence_length']}), a tiny VAE "
+        + (f"fitted before ({args.vae})" if args.vae else f"fitted to the scenes ({args.vae_steps} steps)")
+        + f"; {args.steps} steps of batch "
         f"{args.batch_size}, lr {args.lr} (warm-up 10, cosine), timestep shift {args.shift}, text dropout 0.1, on {args.train} generated "
         f"text-to-image scenes at {args.side} x {args.side} px; seeds {args.seeds}. Test: {args.test} held-out "
         f"generated prompts (position and counting, GenEval wording and metadata), {args.sample_steps} Euler steps, "
