@@ -2,9 +2,10 @@
 
 SCoT's claim (SCoT paper, arXiv 2602.11980; docs/methods/scot.md): a diffusion model trained on captions in the interleaved
 text-coordinate format, given an MLLM planner's layout, follows spatial requests that a text-only model misses.
-In miniature, on `omnilab data synth layout` scenes at 32 x 32 px (coloured shapes and real-photo objects with
-dense captions; text-to-image only), the tiny SD3-Kontext-style SCoT of experiments/scot/tiny.yaml is trained
-from scratch for `--steps` steps in each arm, with 3 seeds (init, data order, noise):
+In miniature, on `omnilab data synth layout` scenes at `--side` px (by default only the test's kind: two flat
+shapes in a GenEval relation, or one shape 2-4 times, on flat backgrounds, with dense captions; `--all-scenes`
+adds the dense scenes with real-photo objects; text-to-image only), a tiny SD3-Kontext-style SCoT (4 layers,
+width 64) is trained from scratch for `--steps` steps in each arm, with 3 seeds (init, data order, noise):
 
 - text: the caption without coordinates ("a red circle left of a blue star on a white background"), no
   planner at test: the held-out caption itself (it names the relation or the count);
@@ -41,6 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from benchmarks.common import record
+from callbacks.images import make_grid, to_pil
 from datamodules.multiref import image_tensor, resize_image
 from datamodules.synth import layout as synth
 from lightning_modules.components.layout import parse_layout
@@ -64,24 +66,29 @@ BACKBONE = {
 TEXT = {
     "config": {
         "clip": [{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "projection_dim": 32, "max_position_embeddings": 77}],
+                  "projection_dim": 32, "max_position_embeddings": 16}],
         "t5": {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 1, "num_heads": 2},
     },
-    "tokenizer": {"clip": {"model_max_length": 77}, "t5": {}},
-    "max_sequence_length": 128,
+    "tokenizer": {"clip": {"model_max_length": 16}, "t5": {}},  # CLIP sees the caption's start only (as SD3's 77)
+    "max_sequence_length": 96,  # the longest plan (four boxes) is 90 T5 tokens
 }  # fmt: skip
 ARMS = ("text", "inline", "boxes")
 METRICS = ("position_acc", "counting_acc", "miou", "box_hit")
 
 
-def items(split: str, count: int, seed: int, side: int) -> list[dict[str, Any]]:
-    """Text-to-image samples of the layout generator, images resized to side x side in [-1, 1]."""
+def items(split: str, count: int, seed: int, side: int, probes_only: bool = False) -> list[dict[str, Any]]:
+    """Text-to-image samples of the layout generator, images resized to side x side in [-1, 1].
+
+    `probes_only`: only the position / counting scenes of flat shapes on flat backgrounds (the test's kind).
+    """
     out, index = [], 0
     while len(out) < count:
         sample = synth.make_sample(split, index, seed)
         index += 1
         meta = sample["json"]
         if meta["task"] != "t2i":
+            continue
+        if probes_only and ("geneval" not in meta or meta["background"]["kind"] != "flat"):
             continue
         image = image_tensor(
             np.asarray(Image.open(io.BytesIO(sample["target.png"])).convert("RGB")), "target"
@@ -113,7 +120,9 @@ def fit_vae(images: list[torch.Tensor], out: Path, steps: int, seed: int) -> Pat
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
     stack = torch.stack(images)
-    for _ in range(steps):
+    for step in range(steps):
+        if step % 100 == 0:
+            print(f"VAE fit step {step}/{steps}", flush=True)
         x = stack[torch.randint(len(stack), (16,), generator=g)]
         posterior = vae.encode(x).latent_dist
         loss = (
@@ -134,8 +143,8 @@ def build(arm: str, vae: Path, args: argparse.Namespace, seed: int) -> SCoT:
     torch.manual_seed(seed)
     model = SCoT(
         backbone=BACKBONE, vae={"pretrained": str(vae)}, text=TEXT, conditioning=arm, max_ref_tokens=None,
-        timesteps={"shift": 3.0}, lr=args.lr, warmup_steps=10, lr_schedule="cosine", drop_text=0.1,
-        sampler={"steps": args.sample_steps, "guidance": args.guidance, "shift": 3.0}, val_sample_steps=0, seed=seed,
+        timesteps={"shift": args.shift}, lr=args.lr, warmup_steps=10, lr_schedule="cosine", drop_text=0.1,
+        sampler={"steps": args.sample_steps, "guidance": args.guidance, "shift": args.shift}, val_sample_steps=0, seed=seed,
     )  # fmt: skip
     model.configure_model()
     return model
@@ -170,6 +179,14 @@ def evaluate(
         out[name] = float(metric.compute()) if metric.update_count else math.nan
         metric.reset()
     return out
+
+
+def save_grid(model: SCoT, test: list[dict[str, Any]], path: Path, k: int = 8) -> None:
+    """The first k held-out requests: target with its layout, sample with its plan drawn (PNG)."""
+    model.eval()
+    rows = model.sample_grid(collate(test[:k]), k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(make_grid(rows, cell=96)).save(path)
 
 
 def random_layout_baseline(test: list[dict[str, Any]], side: int, seed: int) -> dict[str, float]:
@@ -232,17 +249,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae", type=Path, default=None, help="a VAE folder fitted before (skips the fit)")
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=3.5)
+    parser.add_argument("--shift", type=float, default=3.0, help="timestep shift, training and sampling")
+    parser.add_argument(
+        "--all-scenes", action="store_true", help="train on every kind of scene, not only the test's"
+    )
+    parser.add_argument(
+        "--grid", type=Path, default=None, help="save a PNG sample grid per run in this folder"
+    )
+    parser.add_argument("--save-vae", type=Path, default=None, help="keep the fitted VAE in this folder")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-record", action="store_true", help="print the table, leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # two threads spin on a busy shared CPU
+    torch.set_num_threads(args.threads)  # one by default: two threads spin on a busy shared CPU
     started, load = time.perf_counter(), os.getloadavg()
-    train_items = items("train", args.train, 0, args.side)
+    train_items = items("train", args.train, 0, args.side, probes_only=not args.all_scenes)
     test = items("test", args.test, 0, args.side)
     results: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        vae = args.vae or fit_vae([t["target"] for t in train_items], root / "vae", args.vae_steps, 0)
+        vae = args.vae or fit_vae(
+            [t["target"] for t in train_items], args.save_vae or root / "vae", args.vae_steps, 0
+        )
         for seed in args.seeds:
             for arm in args.arms:
                 model = build(arm, vae, args, seed)
@@ -259,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
                     removed = evaluate(model, test, planner, args.batch_size)
                     for name, value in removed.items():
                         results.setdefault(f"{arm}, plan removed", {}).setdefault(name, []).append(value)
+                if args.grid:
+                    model.text_encoder.conditioning = arm
+                    save_grid(model, test, args.grid / f"{arm}-{seed}.png")
                 print(arm, seed, row, flush=True)
     baselines = {
         "trivial: requested objects at random places (exact)": random_layout_baseline(test, args.side, 0),
@@ -275,9 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"arm": name, "seeds": "-", **{m: f"{scores[m]:.3f}" for m in METRICS}})
     total, end_load = time.perf_counter() - started, os.getloadavg()
     notes = (
-        f"SD3-Kontext-style DiT (4 layers, width 64, random init), tiny CLIP + T5 (frozen, random init, T5 reads 128 "
-        f"tokens), a tiny VAE fitted to the scenes ({args.vae_steps} steps); {args.steps} steps of batch "
-        f"{args.batch_size}, lr {args.lr} (warm-up 10, cosine), text dropout 0.1, on {args.train} generated "
+        f"SD3-Kontext-style DiT (4 layers, width 64, random init), tiny CLIP + T5 (frozen, random init, CLIP reads "
+        f"{TEXT['tokenizer']['clip']['model_max_length']} tokens, T5 {TEXT['max_sequence_length']}), a tiny VAE "
+        + (f"fitted before ({args.vae})" if args.vae else f"fitted to the scenes ({args.vae_steps} steps)")
+        + f"; {args.steps} steps of batch "
+        f"{args.batch_size}, lr {args.lr} (warm-up 10, cosine), timestep shift {args.shift}, text dropout 0.1, on {args.train} generated "
         f"text-to-image scenes at {args.side} x {args.side} px; seeds {args.seeds}. Test: {args.test} held-out "
         f"generated prompts (position and counting, GenEval wording and metadata), {args.sample_steps} Euler steps, "
         f"CFG {args.guidance}; the exact colour detector; mean ± std over seeds. position_acc / counting_acc: "

@@ -84,6 +84,20 @@ def test_bad_boxes_are_repaired_with_each_reason_counted():
     }  # fmt: skip
 
 
+def test_each_repair_is_warned_naming_its_reason(caplog):
+    text = "a cat [300, 10, 100, 200], a cat [100, 10, 300, 200], a dog [-20, 500, 400, 1100], a cup [1, 2, x, 4]"
+    with caplog.at_level("WARNING", logger="lightning_modules.components.layout"):
+        parse_layout(text, stats=PlanStats())
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [m.split("(")[1].split(")")[0] for m in warned] == [
+        "inverted",
+        "duplicate",
+        "out_of_grid",
+        "unparsable",
+    ]
+    assert "'a dog'" in warned[2] and "-20" in warned[2]
+
+
 @pytest.mark.parametrize(
     "text, problem",
     [

@@ -112,6 +112,22 @@ def test_plans_fall_back_to_the_request_when_a_plan_is_refused_and_count_repairs
     )  # objects stay out of checkpoints
 
 
+def test_box_tokens_of_bad_plans_are_repaired_or_left_out_and_counted():
+    stats = PlanStats()
+    texts = [
+        "a cat [0, 0, 500, 1200] and a cat [0, 0, 500, 1200]",  # clipped twice, then a duplicate: dropped
+        "a dog [1, 2, x, 4] and a hat [0, 0, 100, 100]",  # the unparsable box dropped, the hat kept
+        "a cup [900, 900, 100, 100]",  # inverted: corners swapped
+        "a hat [5, 5, 5, 9]",  # no area: no usable box, refused, no token
+    ]
+    cond = LayoutTextEncoder(Recorder(), "boxes", stats)(texts)
+    assert cond.counts == [1, 1, 1, 0]
+    assert cond.boxes.flatten().tolist() == pytest.approx([0, 0, 0.5, 1, 0, 0, 0.1, 0.1, 0.1, 0.1, 0.9, 0.9])
+    assert stats.as_dict() == {
+        "plans": 3, "refused": 1, "out_of_grid": 2, "inverted": 1, "empty": 1, "duplicate": 1, "unparsable": 1,
+    }  # fmt: skip
+
+
 def test_edit_scores_worked_by_hand():
     source = torch.zeros(3, 10, 10)
     target = source.clone()
