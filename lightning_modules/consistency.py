@@ -51,7 +51,8 @@ def load_backbone_weights(module: nn.Module, path: str | Path, what: str, ema: b
     """Load a Lightning checkpoint's `backbone.*` weights (its EMA's when `ema` and present) into a PackedDiT.
 
     ValueError naming the file and the keys when the checkpoint's backbone is not this architecture (missing,
-    unexpected or differently shaped weights); sharded (folder) checkpoints are refused with a message.
+    unexpected or differently shaped weights) or holds non-finite weights (a diverged run); sharded (folder)
+    checkpoints are refused with a message.
     """
     path = Path(path)
     if path.is_dir():
@@ -80,6 +81,12 @@ def load_backbone_weights(module: nn.Module, path: str | Path, what: str, ema: b
         raise ValueError(
             f"{what} {path} does not match the student's backbone config (the teacher, the student and the critic "
             f"must share one architecture): shapes {shapes[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(
+            f"{what} {path} has non-finite (NaN/inf) weights in {len(broken)} tensors, e.g. {broken[:3]}: the run "
+            f"that wrote it diverged; take an earlier checkpoint"
         )
     module.load_state_dict(weights)
     print(f"loaded the {what} weights{' (EMA)' if ema else ''} from {path}", flush=True)

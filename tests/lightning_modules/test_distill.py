@@ -115,6 +115,38 @@ def test_a_teacher_checkpoint_of_another_architecture_is_refused_by_name(tmp_pat
         build(teacher=other)
 
 
+def test_a_teacher_checkpoint_without_a_backbone_diverged_or_sharded_is_refused_by_name(tmp_path):
+    path = teacher_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({"state_dict": {"codec.x": torch.zeros(1)}}, tmp_path / "vae_only.ckpt")
+    with pytest.raises(ValueError, match=r"vae_only.ckpt holds no `backbone.\*` weights"):
+        build(init_checkpoint=str(tmp_path / "vae_only.ckpt"), init_ema=False)
+    name = next(k for k in ckpt["callbacks"]["EMA"]["ema"] if k.endswith("weight"))
+    ckpt["callbacks"]["EMA"]["ema"][name][0] = float("nan")  # the teacher's run diverged
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=rf"nan.ckpt has non-finite.*{name[len('backbone.') :]}"):
+        build(init_checkpoint=str(tmp_path / "nan.ckpt"))
+    (tmp_path / "sharded.ckpt").mkdir()
+    with pytest.raises(ValueError, match="sharded checkpoint folder"):
+        build(init_student=str(tmp_path / "sharded.ckpt"))
+
+
+def test_a_non_finite_consistency_loss_is_a_counted_skip_that_stops_the_run(monkeypatch):
+    # a teacher gone NaN: RunHealth (on in every omnilab run) drops the step on all ranks, counts it, then stops
+    from callbacks.health import NonFiniteStepError, RunHealth
+
+    model = build(student_steps=[2], teacher_steps=4, teacher_guidance=1.0, target="student")
+    monkeypatch.setattr(
+        model.teacher, "forward", lambda x, *a, **k: [torch.full_like(xi, float("nan")) for xi in x]
+    )
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    health = RunHealth(max_consecutive_skips=2)
+    with pytest.raises(NonFiniteStepError, match="2 optimizer steps in a row"):
+        L.Trainer(**QUIET, max_steps=3, callbacks=[health]).fit(model, loader(make_batch(2), repeats=3))
+    assert health.skipped == 2
+    assert not moved(before, dict(model.backbone.named_parameters()))
+
+
 def test_the_student_samples_at_8_4_2_and_1_steps_on_its_training_grid():
     model = build()
     batch = make_batch(2)
