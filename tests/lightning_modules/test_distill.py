@@ -5,6 +5,7 @@ sampling."""
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -15,6 +16,8 @@ from lightning_modules.components.distill import (
     consistency_loss,
     dmd_gradient,
     dmd_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
     jump,
     segment_end,
 )
@@ -70,6 +73,14 @@ def test_dmd_loss_value_and_gradient():
     loss.backward()
     assert loss.item() == pytest.approx(2.0)
     assert x.grad.tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_gan_losses_are_the_non_saturating_ones():
+    # l_fake = [0, ln 3], l_real = [ln 3, 0]; softplus(0) = ln 2, softplus(ln 3) = ln 4, softplus(-ln 3) = ln 4/3
+    # L_G = (ln 2 + ln 4/3) / 2 = ln(8/3) / 2; L_D = (ln 2 + ln 4) / 2 + (ln 4/3 + ln 2) / 2 = ln(64/3) / 2
+    fake, real = torch.tensor([0.0, math.log(3)]), torch.tensor([math.log(3), 0.0])
+    assert gan_generator_loss(fake).item() == pytest.approx(math.log(8 / 3) / 2)
+    assert gan_discriminator_loss(fake, real).item() == pytest.approx(math.log(64 / 3) / 2)
 
 
 # --- building ---------------------------------------------------------------------------------------------
@@ -281,11 +292,57 @@ def test_a_diverging_critic_is_skipped_counted_then_stops_the_run(monkeypatch):
     assert not moved(before, dict(model.backbone.named_parameters()))  # no garbage update reached the student
 
 
-def test_gan_head_is_refused_and_critic_updates_checked():
-    with pytest.raises(NotImplementedError, match="GAN head"):
+def test_gan_settings_are_checked_and_default_to_dmd2s_weights():
+    with pytest.raises(ValueError, match=r"DMD.gan: unknown keys \['weight'\]"):
         DMD(**QWEN, gan={"weight": 5e-3})
     with pytest.raises(ValueError, match="critic_updates"):
         DMD(**QWEN, critic_updates=0)
+    with pytest.raises(ValueError, match=r"gan.layer=5: the DiT has 1 transformer blocks"):
+        build(DMD, gan={"layer": 5})
+    model = DMD(**QWEN, gan={})
+    assert (model.gan["generator_weight"], model.gan["critic_weight"]) == (5e-3, 1e-2)
+    assert DMD(**QWEN).gan is None and DMD(**QWEN).gan_head is None  # off by default
+
+
+def gradients(model, batch):
+    """The student's and the critic's (with the head's) gradients of one DMD training step at step 0."""
+    model.trainer = L.Trainer(**QUIET, max_steps=1)
+    model.log = lambda *args, **kwargs: None
+    model.train().training_step(batch, 0).backward()
+    grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad.clone()  # noqa: E731
+    return [grad(p) for p in model.student_parameters()], [grad(p) for p in model.critic_parameters()]
+
+
+def test_the_gan_generator_loss_reaches_the_student_only():
+    # DMD2 zeroes the critic's gradients of the generator's GAN loss; here one backward subtracts the same loss
+    # of the detached fakes: the critic's and the head's gradients equal those without the generator term,
+    # the student's differ
+    batch = make_batch(2)
+    with_g = gradients(build(DMD, critic_updates=1, gan={"generator_weight": 1.0}), batch)
+    without = gradients(build(DMD, critic_updates=1, gan={"generator_weight": 0.0}), batch)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(with_g[1], without[1]))
+    assert any(a.abs().sum() > 0 for a in with_g[1][-4:])  # the head trains (on the critic's loss)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(with_g[0], without[0]))
+
+
+@pytest.mark.parametrize(
+    "lora", [None, pytest.param(LORA, marks=pytest.mark.slow)], ids=["full_critic", "lora_critic"]
+)
+def test_a_tiny_dmd_fit_with_the_gan_head(lora):
+    model = build(DMD, critic_updates=2, critic_lora=lora, lr=1e-2, critic_lr=1e-2, gan={})
+    head = {n: p.detach().clone() for n, p in model.gan_head.named_parameters()}
+    student = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    trainer = L.Trainer(**QUIET, max_steps=2)
+    trainer.fit(model, loader(make_batch(2), repeats=2))
+    metrics = trainer.callback_metrics
+    for key in ("train/gan_critic_loss", "train/gan_generator_loss", "train/dmd_loss", "train/critic_loss"):
+        assert math.isfinite(float(metrics[key])), key
+    assert moved(head, dict(model.gan_head.named_parameters()))
+    assert moved(student, dict(model.backbone.named_parameters()))
+    assert model.skips == 0 and {g["name"] for g in trainer.optimizers[0].param_groups} == {
+        "student",
+        "critic",
+    }
 
 
 def test_the_student_decodes_with_its_teachers_fitted_vae(tmp_path):
