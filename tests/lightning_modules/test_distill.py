@@ -4,6 +4,7 @@ sampling."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -24,7 +25,14 @@ from lightning_modules.components.distill import (
 from lightning_modules.consistency import TrajectoryMapping
 from lightning_modules.dmd import DMD
 from lightning_modules.flow_edit import FlowEdit
-from tests.lightning_modules.test_flow_edit import QUIET, TINY, loader, make_batch, tokenizer_cache  # noqa: F401
+from tests.lightning_modules.test_flow_edit import (  # noqa: F401
+    QUIET,
+    TINY,
+    loader,
+    make_batch,
+    tiny,
+    tokenizer_cache,
+)
 
 QWEN = TINY["qwen_image_edit"]
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -174,6 +182,38 @@ def test_the_student_samples_at_8_4_2_and_1_steps_on_its_training_grid():
     assert model.sampler["guidance"] == 1.0 and model.sampler["steps"] == 8  # the student: 8 steps, no CFG
 
 
+@pytest.mark.parametrize(
+    "family",
+    [
+        "qwen_image_edit",
+        pytest.param("sd3_kontext", marks=pytest.mark.slow),
+        pytest.param("flux_kontext", marks=pytest.mark.slow),
+    ],
+)
+def test_the_sampler_projects_each_text_once_per_call_with_the_same_images(family, monkeypatch):
+    # the per-step overhead removed for the 12x goal: the text stream's input projection (and the conditioning's
+    # device copy) once per conditioning and call, not per step; the images are bit-identical to per-step calls
+    model = tiny(family)
+    m = model.backbone.model
+    projection = m.txt_in if family == "qwen_image_edit" else m.context_embedder
+    calls = []
+    projection.register_forward_hook(lambda *args: calls.append(1))
+    batch = make_batch(2)
+
+    def images():
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return model.sample(batch["refs"], batch["instruction"], size=(32, 32), steps=3, generator=gens)
+
+    cached = images()
+    assert len(calls) == 2  # CFG: the prompt's and the negative prompt's, each once over 3 steps
+    calls.clear()
+    monkeypatch.setattr(type(model.backbone), "reuse_condition", lambda self: contextlib.nullcontext())
+    per_step = images()
+    assert len(calls) == 6
+    assert all(torch.equal(a, b) for a, b in zip(cached, per_step))
+    assert model.backbone._condition_cache is None  # nothing is kept past the call
+
+
 # --- the consistency target -------------------------------------------------------------------------------
 
 
@@ -209,6 +249,48 @@ def test_off_the_grid_the_target_is_the_ema_students_jump():
         moved = float(model.training_step(batch, 0))
     assert abs(moved - same) > 1e-6
     assert all(torch.equal(p, q) for p, q in zip(model.backbone.parameters(), model.teacher.parameters()))
+
+
+def test_a_tiny_fit_logs_finite_fid_and_kid_of_the_students_samples_with_the_named_extractor(tmp_path):
+    from safetensors.torch import save_file
+
+    from metrics.distribution import TinyEncoder
+
+    encoder = TinyEncoder()
+    save_file(encoder.state_dict(), str(tmp_path / "encoder.safetensors"))
+    val_fid = {"weights_path": str(tmp_path / "encoder.safetensors"), "kid_subset_size": 50}
+    model = build(student_steps=[2], teacher_steps=4, target="student", val_sample_steps=2, val_fid=val_fid)
+    trainer = L.Trainer(**QUIET, max_steps=1, limit_val_batches=2)
+    trainer.fit(model, loader(make_batch(3)), loader(make_batch(3, seed=1), repeats=2))
+    metrics = trainer.callback_metrics
+    for key in ("val/fid", "val/kid", "val/kid_std", "val/pixel_mse"):
+        assert math.isfinite(float(metrics[key])), key
+    # both validation batches entered (batch 0's samples reused, batch 1's drawn); KID's subset capped at 6
+    extractor = model.scores().fid.inception
+    assert model.scores().kid.subset_size == 6
+    assert all(
+        torch.equal(a, b) for a, b in zip(extractor.state_dict().values(), encoder.state_dict().values())
+    )
+    assert not any("inception" in k or "scores" in k for k in model.state_dict())  # not a submodule
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.safetensors"):
+        build(val_fid={"weights_path": "nowhere.safetensors"}).scores()
+    with pytest.raises(ValueError, match=r"val_fid: unknown keys \['extractor'\]"):
+        build(val_fid={"extractor": "tiny"})
+    assert build(val_fid={"batches": 0}).scores() is None
+
+
+def test_the_fid_encoder_trains_on_the_training_targets_and_is_written_once(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "fid" / "encoder.safetensors"
+    model = build(val_fid={"weights_path": str(path), "fit_steps": 2, "fit_images": 4})
+    assert math.isfinite(model.fit_fid_encoder(loader(make_batch(3), repeats=2)))
+    trained = model.scores().fid.inception.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in load_file(str(path)).items())
+    assert model.fit_fid_encoder(loader(make_batch(3))) is None  # its file exists now: loaded, not refitted
+    assert (
+        build(val_fid={"fit_steps": 0}).fit_fid_encoder(loader(make_batch(3))) is None
+    )  # seeded random init
 
 
 # --- DMD ------------------------------------------------------------------------------------------------------
