@@ -12,6 +12,9 @@ with its weights from `init_checkpoint` (a FlowEdit run: the teacher's EMA weigh
 be the student's architecture; `teacher_velocity` is the teacher's CFG velocity (true CFG with the norm
 rescale as the teacher samples). The student samples with FlowEdit's `sample` at `steps` of 8, 4, 2 or 1 and
 guidance 1 (`sampler` of the experiment), on exactly the sigma grid it was trained on (`student_grid`).
+At validation (and test) both stages log `val/fid` and `val/kid` of the student's samples against the batches'
+target images (`metrics.distribution.DistributionScores`, the feature extractor that `val_fid` names) beside
+FlowEdit's `val/pixel_mse` against the same exact targets.
 
 `TrajectoryMapping` (the consistency stage): for each sample a student step count K (`student_steps`), a
 point t of the teacher's `teacher_steps` grid and x_t = (1 - t) x0 + t eps (the forward-noised data point,
@@ -39,11 +42,23 @@ from lightning_modules.components.distill import consistency_loss, jump, segment
 from lightning_modules.components.packed_dit import PackedDiT, TextConditioning
 from lightning_modules.flow_edit import BACKENDS, FlowEdit
 from lightning_modules.flow_grpo import ensure_init_checkpoint
+from metrics.distribution import DistributionScores, fit_tiny_encoder
 from omnilab.attention import apply_attention
 from omnilab.runs import resolve_latest
 from omnilab.seeding import torch_generator
 
 STUDENT_SAMPLER = {"steps": 8, "guidance": 1.0}  # UniPic-3's students: 8 Euler steps, no CFG
+VAL_FID_DEFAULTS: dict[str, Any] = {
+    "kind": "tiny",  # metrics.distribution.build_feature_extractor: tiny | clip | inception
+    "weights_path": None,  # tiny: a safetensors file (None: seeded random init); clip: a folder; inception: .pth
+    "kid_subset_size": 50,
+    "seed": 0,
+    "batches": None,  # the evaluation batches whose samples enter (None: all; 0: off)
+    # tiny without its weights file: trained in the run on the training targets first (metrics.distribution.
+    # fit_tiny_encoder) for this many steps (0: a seeded random init), then written to weights_path if one is given
+    "fit_steps": 100,
+    "fit_images": 256,
+}
 _CONFIG_NOISE = {"_name_or_path", "_diffusers_version", "_class_name", "_use_default_values"}
 
 
@@ -51,7 +66,8 @@ def load_backbone_weights(module: nn.Module, path: str | Path, what: str, ema: b
     """Load a Lightning checkpoint's `backbone.*` weights (its EMA's when `ema` and present) into a PackedDiT.
 
     ValueError naming the file and the keys when the checkpoint's backbone is not this architecture (missing,
-    unexpected or differently shaped weights); sharded (folder) checkpoints are refused with a message.
+    unexpected or differently shaped weights) or holds non-finite weights (a diverged run); sharded (folder)
+    checkpoints are refused with a message.
     """
     path = Path(path)
     if path.is_dir():
@@ -80,6 +96,12 @@ def load_backbone_weights(module: nn.Module, path: str | Path, what: str, ema: b
         raise ValueError(
             f"{what} {path} does not match the student's backbone config (the teacher, the student and the critic "
             f"must share one architecture): shapes {shapes[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(
+            f"{what} {path} has non-finite (NaN/inf) weights in {len(broken)} tensors, e.g. {broken[:3]}: the run "
+            f"that wrote it diverged; take an earlier checkpoint"
         )
     module.load_state_dict(weights)
     print(f"loaded the {what} weights{' (EMA)' if ema else ''} from {path}", flush=True)
@@ -124,6 +146,9 @@ class FewStepDistill(FlowEdit):
         teacher_guidance: The teacher's CFG scale in the targets (UniPic-3 DMD: 6; its teacher samples at 4).
         teacher_steps: The teacher's sampling steps (the grid of trajectory points; UniPic-3: 50).
         student_steps: The student step counts trained (each sample draws one); the student samples at any.
+        val_fid: FID/KID at validation and test (`VAL_FID_DEFAULTS`: `kind` and `weights_path` of the feature
+            extractor, `kid_subset_size`, `seed`, `batches`, and `fit_steps` / `fit_images` of the tiny encoder's
+            training in the run when it has no weights file); None: those defaults; `{batches: 0}`: off.
         **kwargs: FlowEdit's arguments; `sampler` defaults to 8 steps without CFG (the student's), its
             true_cfg / cfg_norm_rescale / negative_prompt / shift settings are the teacher's too.
     """
@@ -139,10 +164,15 @@ class FewStepDistill(FlowEdit):
         teacher_guidance: float = 4.0,
         teacher_steps: int = 50,
         student_steps: Sequence[int] = (8,),
+        val_fid: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs["sampler"] = {**STUDENT_SAMPLER, **(kwargs.get("sampler") or {})}
         super().__init__(**kwargs)
+        if unknown := set(val_fid or {}) - set(VAL_FID_DEFAULTS):
+            raise ValueError(f"val_fid: unknown keys {sorted(unknown)}; known {list(VAL_FID_DEFAULTS)}")
+        self.val_fid = {**VAL_FID_DEFAULTS, **(val_fid or {})}
+        self._scores: DistributionScores | None = None  # built on first use (not a submodule: no state)
         if teacher is not None and teacher.get("family", self.family) != self.family:
             raise ValueError(
                 f"teacher.family {teacher.get('family')!r} differs from the student's {self.family!r}"
@@ -262,6 +292,98 @@ class FewStepDistill(FlowEdit):
             return [flow.true_cfg(a, b, scale, s["cfg_norm_rescale"], patch=p) for a, b in zip(v_neg, v)]
         return [flow.cfg(a, b, scale) for a, b in zip(v_neg, v)]
 
+    # --- evaluation: FID/KID of the student's samples ----------------------------------------------------
+
+    def scores(self) -> DistributionScores | None:
+        """The FID/KID accumulator (built on first use from `val_fid`), None when switched off."""
+        if self.val_fid["batches"] == 0 or self.val_sample_steps <= 0:
+            return None
+        if self._scores is None:
+            cfg = self.val_fid
+            self._scores = DistributionScores(
+                cfg["kind"], cfg["weights_path"], cfg["kid_subset_size"], cfg["seed"]
+            )
+        return self._scores
+
+    def on_fit_start(self) -> None:
+        """FlowEdit's (the VAE fit), then the tiny FID encoder's training on the training targets when due."""
+        super().on_fit_start()
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and self.trainer.limit_val_batches != 0:  # no validation: no FID to measure
+            self.fit_fid_encoder(datamodule.train_dataloader())
+
+    def fit_fid_encoder(self, loader: Any) -> float | None:
+        """Train the tiny FID encoder (`val_fid.fit_steps`) on up to `fit_images` targets of `loader`'s batches, when
+        the tiny extractor has no weights file; every rank then uses rank 0's. Returns the last loss (None: not due).
+        """
+        cfg, path = self.val_fid, self.val_fid["weights_path"]
+        if (
+            cfg["kind"] != "tiny"
+            or cfg["fit_steps"] <= 0
+            or cfg["batches"] == 0
+            or self.val_sample_steps <= 0
+        ):
+            return None
+        if path is not None and Path(path).is_file():
+            return None
+        images: list[Tensor] = []
+        for batch in loader:
+            images += [((t.float() + 1) / 2).clamp(0, 1) for t in batch["target"]]
+            if len(images) >= cfg["fit_images"]:
+                break
+        encoder, loss = fit_tiny_encoder(images[: cfg["fit_images"]], cfg["fit_steps"], seed=cfg["seed"])
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # ranks saw different data: all take rank 0's
+            import torch.distributed as dist
+
+            for tensor in encoder.state_dict().values():
+                buffer = tensor.to(self.device)
+                dist.broadcast(buffer, src=0)
+                tensor.copy_(buffer.cpu())
+        if path is not None and (trainer is None or trainer.is_global_zero):
+            from safetensors.torch import save_file
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            save_file(encoder.state_dict(), str(path))
+        if trainer is not None and self.logger is not None:
+            self.logger.log_metrics({"fid_encoder/loss": loss}, step=0)
+        self._scores = DistributionScores(kid_subset_size=cfg["kid_subset_size"], extractor=encoder)
+        return loss
+
+    def evaluate(self, batch: dict[str, Any], batch_idx: int, split: str) -> list[Tensor] | None:
+        """FlowEdit's metrics; the student's samples (batch 0's, else drawn here) and the targets enter the FID/KID."""
+        images = super().evaluate(batch, batch_idx, split)
+        scores, limit = self.scores(), self.val_fid["batches"]
+        if scores is None or (limit is not None and batch_idx >= limit):
+            return images
+        if images is None:
+            images = self.val_samples(batch)
+        scores.update(images, real=False)
+        scores.update([t.to(self.device) for t in batch["target"]], real=True)
+        return images
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the FID/KID sets afresh."""
+        if (scores := self.scores()) is not None:
+            scores.reset()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        """Log val/fid, val/kid (and kid_std) of the epoch's samples vs their targets."""
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log test/fid, test/kid (and kid_std)."""
+        self._log_scores("test")
+
+    def _log_scores(self, split: str) -> None:
+        if (scores := self.scores()) is None or min(scores.counts.values()) == 0:
+            return
+        for name, value in scores.compute().items():
+            self.log(f"{split}/{name}", value)  # torchmetrics already gathered every rank's features
+        scores.reset()
+
     def student_grid(self, steps: int, target_tokens: Sequence[int]) -> Tensor:
         """The student's sigmas [B, steps + 1]: exactly the grid `sample(steps=steps)` walks."""
         return self.sigmas(steps, target_tokens)
@@ -291,20 +413,20 @@ class TrajectoryMapping(FewStepDistill):
         self.target = target
 
     def on_fit_start(self) -> None:
-        """Refuse the EMA target where it cannot be swapped in (FSDP) or is missing."""
-        if self.target != "ema":
-            return
-        if self.ema_callback() is None:
-            raise ValueError(
-                "target: ema needs a callbacks.ema.EMA callback in trainer.callbacks (or target: student)"
-            )
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        """Refuse the EMA target where it cannot be swapped in (FSDP) or is missing; then FewStepDistill's."""
+        if self.target == "ema":
+            if self.ema_callback() is None:
+                raise ValueError(
+                    "target: ema needs a callbacks.ema.EMA callback in trainer.callbacks (or target: student)"
+                )
+            from torch.distributed.fsdp import FullyShardedDataParallel
 
-        if isinstance(getattr(self.trainer.strategy, "model", None), FullyShardedDataParallel):
-            raise ValueError(
-                "target: ema cannot swap the EMA weights in inside an FSDP step (the root's parameters are gathered "
-                "there): use target: student under FSDP"
-            )
+            if isinstance(getattr(self.trainer.strategy, "model", None), FullyShardedDataParallel):
+                raise ValueError(
+                    "target: ema cannot swap the EMA weights in inside an FSDP step (the root's parameters are "
+                    "gathered there): use target: student under FSDP"
+                )
+        super().on_fit_start()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """One consistency update (module doc): L = ||f_θ(x_t) − sg(f_ema(x_t'))||² / (t − s)²."""

@@ -25,7 +25,16 @@ lr 2e-6, teacher CFG 6. The loss is DMD2's (`components.distill.dmd_gradient` / 
 - a non-finite DMD gradient or critic loss (on any rank) skips that part's update, its gradients dropped before
   the optimizer step, and is counted (`train/skips`);
   `max_consecutive_skips` in a row stop the run with an error (a diverged critic);
-- an optional GAN head (DMD2's) is not built: `gan` other than None is refused.
+- `gan` (off by default): DMD2's optional GAN head. A small classifier (`GANHead`) reads the critic's hidden
+  states at one transformer block (`layer`, default the middle one: DMD2 reads its UNet's bottleneck), the
+  target tokens of each image, and gives one realism logit per image. Reals are the batch's target latents,
+  fakes the student's samples, both noised to the critic's training sigma (DMD2's "diffusion GAN"). The critic
+  and the head take L_D = softplus(l_fake) + softplus(-l_real) (weight `critic_weight`, DMD2 1e-2), the student
+  L_G = softplus(-l_fake) (`generator_weight`, DMD2 5e-3; `components.distill.gan_*`). The reals, the detached
+  fakes and (on student steps) the fakes with the student's gradient go through ONE critic forward (a batch of
+  2 or 3 x B): the critic's flow loss reads the first B. DMD2 zeroes the critic's gradients of L_G before the
+  critic's own update; in one backward the same is done by subtracting L_G of the detached fakes (equal
+  values, so the critic's and the head's gradients of the two cancel and only the student's remains).
 """
 
 from __future__ import annotations
@@ -37,16 +46,51 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_modules.components import flow
-from lightning_modules.components.distill import dmd_gradient, dmd_loss
-from lightning_modules.components.packed_dit import PackedDiT
+from lightning_modules.components.distill import (
+    dmd_gradient,
+    dmd_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from lightning_modules.components.packed_dit import PackedDiT, TextConditioning
 from lightning_modules.consistency import FewStepDistill
 from lightning_modules.flow_edit import flow_loss
 from lightning_modules.flow_grpo import adapters_disabled
 from omnilab.fsdp import clip_grad_norm
 from omnilab.seeding import torch_generator
+
+GAN_DEFAULTS: dict[str, Any] = {
+    "generator_weight": 5e-3,  # DMD2
+    "critic_weight": 1e-2,  # DMD2
+    "layer": None,  # the transformer block whose hidden states the head reads; None: the middle one
+    "hidden": None,  # the head's MLP width; None: the DiT's width
+}
+
+
+class GANHead(nn.Module):
+    """DMD2's realism classifier on the critic's features: a per-token LayerNorm-MLP logit, averaged per image."""
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, tokens: list[Tensor]) -> Tensor:
+        """[N] logits (fp32), one per image from its target tokens [L_i, D]."""
+        dtype = self.net[1].weight.dtype
+        return torch.stack([self.net(t.to(dtype)).float().mean() for t in tokens])
+
+
+def repeat_text(text: TextConditioning, k: int) -> TextConditioning:
+    """The conditioning of a batch repeated k times along the batch (sample i of copy j at j·B + i)."""
+    return TextConditioning(
+        text.hidden.repeat(k, 1, 1),
+        None if text.mask is None else text.mask.repeat(k, 1),
+        None if text.pooled is None else text.pooled.repeat(k, 1),
+    )
 
 
 class DMD(FewStepDistill):
@@ -65,7 +109,9 @@ class DMD(FewStepDistill):
         grad_clip: Gradient-norm clip of the student and of the critic, each on its own (DMD2: 10); under FSDP
             one global clip.
         max_consecutive_skips: Non-finite updates in a row before the run stops with an error.
-        gan: DMD2's optional GAN head on the critic; not built here (None only).
+        gan: DMD2's optional GAN head on the critic (module doc): None (off), or a dict of `generator_weight`
+            (DMD2 5e-3), `critic_weight` (1e-2), `layer` (block index; None: the middle block), `hidden` (the
+            head's width; None: the DiT's); `{}` takes DMD2's weights.
         **kwargs: `FewStepDistill`'s and FlowEdit's arguments.
     """
 
@@ -82,8 +128,14 @@ class DMD(FewStepDistill):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if gan is not None:
-            raise NotImplementedError("DMD.gan: the optional GAN head is not built; set gan: null")
+        if gan is not None and set(gan) - set(GAN_DEFAULTS):
+            raise ValueError(
+                f"DMD.gan: unknown keys {sorted(set(gan) - set(GAN_DEFAULTS))}; known {list(GAN_DEFAULTS)}"
+            )
+        self.gan = None if gan is None else {**GAN_DEFAULTS, **gan}
+        if self.gan is not None and (self.gan["generator_weight"] < 0 or self.gan["critic_weight"] <= 0):
+            raise ValueError(f"DMD.gan weights must be >= 0 (generator) and > 0 (critic), got {self.gan}")
+        self.gan_head: GANHead | None = None
         if critic_updates < 1:
             raise ValueError(f"critic_updates must be >= 1, got {critic_updates}")
         low, high = dmd_sigma_range
@@ -97,7 +149,19 @@ class DMD(FewStepDistill):
         self._consecutive_skips = 0
 
     def build_extra(self) -> None:
-        """The critic: a trainable copy of the teacher, or a LoRA on the teacher's frozen weights."""
+        """The critic: a trainable copy of the teacher, or a LoRA on the teacher's frozen weights; the GAN head."""
+        if self.gan is not None:
+            model = self.teacher.model
+            blocks = len(model.transformer_blocks)
+            layer = (blocks - 1) // 2 if self.gan["layer"] is None else int(self.gan["layer"])
+            if not 0 <= layer < blocks:
+                raise ValueError(f"DMD.gan.layer={layer}: the DiT has {blocks} transformer blocks")
+            self.gan["layer"] = layer
+            dim = (
+                getattr(model, "inner_dim", None)
+                or model.config.num_attention_heads * model.config.attention_head_dim
+            )
+            self.gan_head = GANHead(dim, self.gan["hidden"])
         if self.critic_lora:
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -122,10 +186,11 @@ class DMD(FewStepDistill):
             yield self.teacher
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:
-        """The critic's trainable parameters."""
+        """The critic's trainable parameters (with the GAN head's)."""
+        head = list(self.gan_head.parameters()) if self.gan_head is not None else []
         if self.critic is not None:
-            return [p for p in self.critic.parameters() if p.requires_grad]
-        return [p for p in self.teacher.parameters() if p.requires_grad]
+            return [p for p in self.critic.parameters() if p.requires_grad] + head
+        return [p for p in self.teacher.parameters() if p.requires_grad] + head
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Two groups: the student at `lr`, the critic at `critic_lr`."""
@@ -208,7 +273,7 @@ class DMD(FewStepDistill):
             else:
                 self._drop.append("student")
                 skipped += 1
-        # the critic: flow matching on the student's detached samples
+        # the critic: flow matching on the student's detached samples (with the GAN head: reals and fakes too)
         samples = [xi.detach().float() for xi in x]
         sigma_c, _, eps_c = self.draw(
             shapes, [self.tokens(xi) for xi in samples], "critic", self.global_step, self.global_rank
@@ -216,10 +281,32 @@ class DMD(FewStepDistill):
         sigma_c = sigma_c.to(self.device)
         eps_c = [e.to(self.device) for e in eps_c]
         x_c = [flow.interpolate(xi, e, si) for xi, e, si in zip(samples, eps_c, sigma_c)]
-        v_c = self.fake_score(x_c, refs, sigma_c, text)
-        loss_c = flow_loss(v_c, [flow.velocity(xi, e) for xi, e in zip(samples, eps_c)])
+        target_c = [flow.velocity(xi, e) for xi, e in zip(samples, eps_c)]
+        if self.gan is None:
+            loss_c = flow_loss(self.fake_score(x_c, refs, sigma_c, text), target_c)
+            critic_finite = bool(torch.isfinite(loss_c))
+        else:
+            fakes = [flow.interpolate(xi.float(), e, si) for xi, e, si in zip(x, eps_c, sigma_c)]
+            v_c, logits = self.critic_pass(
+                x_c, x0_data, fakes if update_student else None, refs, sigma_c, text
+            )
+            loss_c = flow_loss(v_c, target_c)
+            loss_d = self.gan["critic_weight"] * gan_discriminator_loss(logits[:n], logits[n : 2 * n])
+            critic_finite = bool(torch.isfinite(loss_c) & torch.isfinite(loss_d))
+            loss = loss + loss_d
+            self.log("train/gan_critic_loss", loss_d.detach(), batch_size=n)
+            if update_student:
+                loss_gen = gan_generator_loss(logits[2 * n :])
+                # minus the same loss of the detached fakes: the critic's and the head's gradients cancel
+                loss = loss + self.gan["generator_weight"] * (loss_gen - gan_generator_loss(logits[:n]))
+                self.log("train/gan_generator_loss", loss_gen.detach(), batch_size=n)
+                if not self._all(bool(torch.isfinite(loss_gen))):  # its NaN reaches both parts' gradients
+                    critic_finite = False
+                    if "student" not in self._drop:
+                        self._drop.append("student")
+                        skipped += 1
         loss = loss + loss_c
-        if not self._all(bool(torch.isfinite(loss_c))):
+        if not self._all(critic_finite):
             self._drop.append("critic")
             skipped += 1
         self.skips += skipped
@@ -238,6 +325,44 @@ class DMD(FewStepDistill):
         self.log("train/skips", float(self.skips), batch_size=n)
         self.log("train/student_update", float(update_student), batch_size=n)
         return loss
+
+    def critic_pass(
+        self,
+        fakes: list[Tensor],
+        reals: list[Tensor],
+        student_fakes: list[Tensor] | None,
+        refs: list[list[Tensor]],
+        sigma: Tensor,
+        text: TextConditioning,
+    ) -> tuple[list[Tensor], Tensor]:
+        """One critic forward over [noised detached fakes, noised reals (, `student_fakes`)]: (the fakes' velocity,
+        the GAN head's logits [2B or 3B]).
+
+        The reals are the batch's target latents noised to the fakes' sigmas (noise from the "gan-real" stream);
+        `student_fakes` are the fakes' same values with the student's gradient (student steps). The head reads
+        the hidden states of block `gan.layer` at each image's target tokens.
+        """
+        n = len(fakes)
+        gen = torch_generator(self.seed, "gan-real", self.global_step, self.global_rank)
+        noised = [
+            flow.interpolate(r.float(), torch.randn(tuple(r.shape), generator=gen).to(r.device), si)
+            for r, si in zip(reals, sigma)
+        ]
+        inputs = [*fakes, *noised, *(student_fakes or [])]
+        k = len(inputs) // n
+        net = self.fake_score
+        captured: list[Tensor] = []
+        block = net.model.transformer_blocks[self.gan["layer"]]
+        handle = block.register_forward_hook(lambda module, args, out: captured.append(out[-1]))
+        try:
+            v = net(inputs, refs * k, sigma.repeat(k), repeat_text(text, k))
+        finally:
+            handle.remove()
+        hidden, tokens = captured[0], []
+        for i, (x, r) in enumerate(zip(inputs, refs * k)):
+            start = 0 if net.target_first else sum(self.tokens(ri) for ri in r)
+            tokens.append(hidden[i, start : start + self.tokens(x)])
+        return v[:n], self.gan_head(tokens)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the gradients of a skipped (non-finite) part, then clip the student's and the critic's."""

@@ -668,12 +668,12 @@ class FlowEdit(FSDPNormClipping, L.LightningModule):
         """test/loss and test/pixel_mse (see `evaluate`)."""
         self.evaluate(batch, batch_idx, "test")
 
-    def evaluate(self, batch: dict[str, Any], batch_idx: int, split: str) -> None:
+    def evaluate(self, batch: dict[str, Any], batch_idx: int, split: str) -> list[Tensor] | None:
         """<split>/loss: the flow loss at `val_sigmas`, noise seeded by sample key; on batch 0 <split>/pixel_mse.
 
         Beside it <split>/pixel_mse_mean_colour: the MSE of a flat image of each target's own mean colour, the
         trivial baseline a model that ignores its inputs' content reaches at best; a model that uses its
-        references and instruction is below it.
+        references and instruction is below it. Returns the samples it drew (batch 0), else None.
         """
         refs, x0 = self.encode_batch(batch)
         keys = _keys(batch)
@@ -697,15 +697,21 @@ class FlowEdit(FSDPNormClipping, L.LightningModule):
             self.log(
                 f"{split}/pixel_mse_mean_colour", flow_loss(flat, targets), batch_size=size, sync_dist=True
             )
-            images = self.sample(
-                batch["refs"],
-                batch["instruction"],
-                size=[tuple(t.shape[-2:]) for t in batch["target"]],
-                steps=self.val_sample_steps,
-                generator=[torch_generator(self.seed, "val-sample", k) for k in keys],
-            )
+            images = self.val_samples(batch)
             mse = flow_loss(images, targets)
             self.log(f"{split}/pixel_mse", mse, batch_size=size, sync_dist=True)
+            return images
+        return None
+
+    def val_samples(self, batch: dict[str, Any]) -> list[Tensor]:
+        """Samples of an evaluation batch at its targets' sizes, `val_sample_steps` steps, noise seeded by sample key."""
+        return self.sample(
+            batch["refs"],
+            batch["instruction"],
+            size=[tuple(t.shape[-2:]) for t in batch["target"]],
+            steps=self.val_sample_steps,
+            generator=[torch_generator(self.seed, "val-sample", k) for k in _keys(batch)],
+        )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Tensor]:
         """Sample each batch entry (at its target's size, else its first reference's) and write <key>.png."""
@@ -777,18 +783,19 @@ class FlowEdit(FSDPNormClipping, L.LightningModule):
         target_tokens = [self.tokens(xi) for xi in x]
         sigmas = self.sigmas(steps, target_tokens)
         max_tokens = None  # sampling pads to the longest sequence: masked padding changes nothing, only costs
-        for i in range(steps):
-            sigma, sigma_next = sigmas[:, i], sigmas[:, i + 1]
-            v = self.backbone(x, ref_latents, sigma, text, max_tokens=max_tokens)
-            if uncond is not None:
-                v_u = self.backbone(x, ref_latents, sigma, uncond, max_tokens=max_tokens)
-                if true_cfg:
-                    p = self.backbone.patch_size
-                    rescale = cfg_["cfg_norm_rescale"]
-                    v = [flow.true_cfg(a, b, guidance, rescale, patch=p) for a, b in zip(v_u, v)]
-                else:
-                    v = [flow.cfg(a, b, guidance) for a, b in zip(v_u, v)]
-            x = [step_fn(xi, vi.float(), s, s_next) for xi, vi, s, s_next in zip(x, v, sigma, sigma_next)]
+        with self.backbone.reuse_condition():  # the text's projection once per sample call, not per step
+            for i in range(steps):
+                sigma, sigma_next = sigmas[:, i], sigmas[:, i + 1]
+                v = self.backbone(x, ref_latents, sigma, text, max_tokens=max_tokens)
+                if uncond is not None:
+                    v_u = self.backbone(x, ref_latents, sigma, uncond, max_tokens=max_tokens)
+                    if true_cfg:
+                        p = self.backbone.patch_size
+                        rescale = cfg_["cfg_norm_rescale"]
+                        v = [flow.true_cfg(a, b, guidance, rescale, patch=p) for a, b in zip(v_u, v)]
+                    else:
+                        v = [flow.cfg(a, b, guidance) for a, b in zip(v_u, v)]
+                x = [step_fn(xi, vi.float(), s, s_next) for xi, vi, s, s_next in zip(x, v, sigma, sigma_next)]
         return self.codec(x, decode=True)
 
     def _sizes(self, refs: Sequence[Sequence[Tensor]], size: Any, n: int) -> list[tuple[int, int]]:

@@ -3,19 +3,24 @@
 torchmetrics' `FrechetInceptionDistance` / `KernelInceptionDistance` take any `nn.Module` as the feature
 extractor; here the module is always named, never downloaded:
 
-- "tiny": `TinyEncoder`, a small convolutional encoder (random init, or its weights from a safetensors file) for
-  the embedded CPU default, where Inception features of 32-px synthetic images would say little;
+- "tiny": `TinyEncoder`, a small convolutional encoder for the embedded CPU default, where Inception features of
+  32-px synthetic images would say little: its weights from a safetensors file, or trained in the suite on the
+  run's own target images (`fit_tiny_encoder`: contrastive, two augmented views of each image must find each
+  other among the batch, InfoNCE), or (neither) a seeded random init;
 - "clip": the vision tower of a local transformers CLIP folder (`weights_path`), pooled output;
 - "inception": torchmetrics' Inception-v3 (needs `torch-fidelity` and its weights file at `weights_path`).
 
 A missing library or weight path is a `FileNotFoundError` / `ImportError` that says what to stage.
 `distribution_metrics(extractor)` returns a FID and a KID metric sharing the extractor; both take images in
 [0, 1] (`normalize=True`); torchmetrics hands a custom extractor those float images as they are (its own
-Inception gets uint8), so each extractor here takes either.
+Inception gets uint8), so each extractor here takes either. `DistributionScores` accumulates generated and
+target images of any sizes in [-1, 1] over an evaluation (the few-step distillation modules' `val/fid`, `val/kid`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -68,10 +73,74 @@ class ClipFeatures(nn.Module):
         return self.model(pixel_values=(x - self.mean) / self.std).image_embeds.float()
 
 
-def build_feature_extractor(kind: str = "tiny", weights_path: str | Path | None = None) -> nn.Module:
-    """The named feature extractor (module doc); clear errors when its library or weights are missing."""
-    if kind == "tiny":
+def augmented_view(image: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """A random crop (60-100 % of each side), flip and brightness (x0.8-1.2) of a [3, H, W] image in [0, 1], at size²."""
+    _, h, w = image.shape
+    scale = 0.6 + 0.4 * float(torch.rand((), generator=gen))
+    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+    top = int(torch.randint(h - ch + 1, (), generator=gen))
+    left = int(torch.randint(w - cw + 1, (), generator=gen))
+    crop = image[None, :, top : top + ch, left : left + cw]
+    view = nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    if float(torch.rand((), generator=gen)) < 0.5:
+        view = view.flip(-1)
+    return (view * (0.8 + 0.4 * float(torch.rand((), generator=gen)))).clamp(0, 1)
+
+
+def info_nce(a: Tensor, b: Tensor, temperature: float = 0.2) -> Tensor:
+    """Symmetric InfoNCE of paired rows: CE(cos(a_i, b_j) / T, j = i), averaged over both directions (fp32)."""
+    a, b = nn.functional.normalize(a.float(), dim=1), nn.functional.normalize(b.float(), dim=1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels))
+
+
+def fit_tiny_encoder(
+    images: Iterable[Tensor],
+    steps: int = 200,
+    batch_size: int = 32,
+    size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> tuple[TinyEncoder, float]:
+    """Train a `TinyEncoder` on images in [0, 1] ([3, H, W], any sizes; a pool drawn from with replacement):
+    two augmented views of each image of a batch must match each other (`info_nce` over a linear projection,
+    dropped after). Returns the encoder (eval mode, frozen) and the last loss. Seeded: the same images and
+    seed give the same encoder."""
+    pool = [im.detach().float().cpu() for im in images]
+    if len(pool) < 2:
+        raise ValueError(f"fit_tiny_encoder needs at least 2 images, got {len(pool)}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         encoder = TinyEncoder()
+        head = nn.Linear(encoder.num_features, encoder.num_features)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=lr)
+    loss = torch.tensor(math.nan)
+    encoder.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randperm(len(pool), generator=gen)[:batch_size]  # distinct images: one positive each
+            views = [torch.stack([augmented_view(pool[int(i)], size, gen) for i in idx]) for _ in range(2)]
+            loss = info_nce(head(encoder(views[0])), head(encoder(views[1])))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return encoder.eval().requires_grad_(False), float(loss.detach())
+
+
+def build_feature_extractor(
+    kind: str = "tiny", weights_path: str | Path | None = None, seed: int = 0
+) -> nn.Module:
+    """The named feature extractor (module doc); clear errors when its library or weights are missing.
+
+    The tiny encoder without a weights file is initialised from `seed` (global RNG untouched), so every run and
+    every model is measured with the same features.
+    """
+    if kind == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = TinyEncoder()
         if weights_path is not None:
             from safetensors.torch import load_file
 
@@ -109,3 +178,59 @@ def distribution_metrics(
     fid = FrechetInceptionDistance(feature=extractor, normalize=True)
     kid = KernelInceptionDistance(feature=extractor, subset_size=kid_subset_size, normalize=True)
     return fid, kid
+
+
+class DistributionScores:
+    """FID and KID of generated vs target images accumulated over an evaluation, with a named feature extractor.
+
+    Not an `nn.Module` (a LightningModule holding it keeps it out of its state dict, optimizer and FSDP wrap).
+    Images are [3, H, W] in [-1, 1], any sizes (each is featurised on its own). KID's subset size is capped at
+    the number of images; fewer than 2 images of either set give NaN (FID needs two).
+
+    Args:
+        kind: The feature extractor (`build_feature_extractor`: tiny, clip or inception).
+        weights_path: Its weights (a safetensors file for tiny, a CLIP folder, the Inception .pth).
+        kid_subset_size: KID's subset size (torchmetrics' default 1000 at scale).
+        seed: The random-init tiny encoder's seed.
+        extractor: A ready feature extractor (e.g. `fit_tiny_encoder`'s), instead of `kind` / `weights_path`.
+    """
+
+    def __init__(
+        self,
+        kind: str = "tiny",
+        weights_path: str | Path | None = None,
+        kid_subset_size: int = 50,
+        seed: int = 0,
+        extractor: nn.Module | None = None,
+    ) -> None:
+        if extractor is None:
+            extractor = build_feature_extractor(kind, weights_path, seed)
+        self.fid, self.kid = distribution_metrics(extractor, kid_subset_size)
+        self.kid_subset_size = kid_subset_size
+        self.counts = {True: 0, False: 0}
+
+    def update(self, images: Sequence[Tensor], real: bool) -> None:
+        """Add images in [-1, 1] to the generated (real=False) or the target (real=True) set."""
+        for image in images:
+            x = ((image.detach().float()[None] + 1) / 2).clamp(0, 1)
+            if self.fid.device != x.device:
+                self.fid.to(x.device)
+                self.kid.to(x.device)
+            self.fid.update(x, real=real)
+            self.kid.update(x, real=real)
+            self.counts[real] += 1
+
+    def compute(self) -> dict[str, float]:
+        """{"fid", "kid", "kid_std"} over everything added since the last `reset` (NaN below 2 images a set)."""
+        n = min(self.counts.values())
+        if n < 2:
+            return {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
+        self.kid.subset_size = min(self.kid_subset_size, n)
+        kid_mean, kid_std = self.kid.compute()
+        return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+    def reset(self) -> None:
+        """Forget the images added so far."""
+        self.fid.reset()
+        self.kid.reset()
+        self.counts = {True: 0, False: 0}

@@ -14,6 +14,11 @@ mapping then distribution matching (docs/methods/unipic3.md). The rectified-flow
   sigma, the teacher with CFG ("real") and the critic ("fake") predict x0_real and x0_fake; then
   g = (x0_fake - x0_real) / mean|x - x0_real| (per sample), L = 1/2 mean (x - sg(x - g))², whose gradient in x
   is g / numel: it moves x toward the real score and away from the fake one (`dmd_gradient`, `dmd_loss`).
+- DMD2's optional GAN head (its `compute_generator_clean_cls_loss` / `compute_guidance_clean_cls_loss`): a
+  classifier on the critic's intermediate features gives a realism logit per (noised) image; the non-saturating
+  losses are L_G = mean softplus(-l_fake) for the generator and L_D = mean softplus(l_fake) +
+  mean softplus(-l_real) for the critic and its head (`gan_generator_loss`, `gan_discriminator_loss`); DMD2
+  weighs them 5e-3 (generator) and 1e-2 (critic).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.functional import softplus
 
 from lightning_modules.components.flow import per_sample
 
@@ -80,3 +86,13 @@ def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
     """L = ½ mean (x − sg(x − g))²: its value is ½ mean g², its gradient in x is g / numel (DMD2)."""
     x = x.float()
     return 0.5 * ((x - (x - grad.float()).detach()) ** 2).mean()
+
+
+def gan_generator_loss(logits_fake: Tensor) -> Tensor:
+    """L_G = mean softplus(−l_fake) = mean −log σ(l_fake): the non-saturating generator loss (fp32)."""
+    return softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_fake: Tensor, logits_real: Tensor) -> Tensor:
+    """L_D = mean softplus(l_fake) + mean softplus(−l_real): fakes toward logit −inf, reals toward +inf (fp32)."""
+    return softplus(logits_fake.float()).mean() + softplus(-logits_real.float()).mean()

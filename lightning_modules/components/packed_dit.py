@@ -26,9 +26,10 @@ every sample's real tokens packed into one sequence with a block-diagonal mask, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Self
 
@@ -513,6 +514,30 @@ class PackedDiT(nn.Module):
         self.attention_path = attention_path
         model.set_attn_processor(self.processor_class(attention_path))
         self._memo_table: dict[tuple, Any] = {}
+        self._condition_cache: list[tuple[str, Tensor, Any]] | None = None  # inside `reuse_condition()`
+
+    @contextlib.contextmanager
+    def reuse_condition(self) -> Iterator[None]:
+        """Within: the text conditioning's device/dtype copy and its input projection are computed once per
+        conditioning tensor (no-grad calls only), not on every call; a sampler's steps all share them. Leave the
+        block before the weights change."""
+        self._condition_cache = []
+        try:
+            yield
+        finally:
+            self._condition_cache = None
+
+    def _reused(self, tag: str, key: Tensor, build: Callable[[], Any]) -> Any:
+        """`build()`, kept for the tensor `key` (by identity) inside `reuse_condition()` under no grad."""
+        cache = self._condition_cache
+        if cache is None or torch.is_grad_enabled():
+            return build()
+        for name, tensor, value in cache:
+            if name == tag and tensor is key:
+                return value
+        value = build()
+        cache.append((tag, key, value))
+        return value
 
     def _memo(self, key: tuple, build: Callable[[], Any]) -> Any:
         """`build()` for `key`, kept for the last few keys: the layout (packing, RoPE) of a batch is the same on
@@ -566,12 +591,7 @@ class PackedDiT(nn.Module):
         weight = next(self.model.parameters())
         device, dtype = weight.device, weight.dtype
         sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32).reshape(-1).expand(batch)
-        mask = text.mask.to(device).bool()
-        text = TextConditioning(
-            text.hidden.to(device, dtype),
-            None if bool(mask.all()) else mask,  # one check per call, not per attention layer
-            None if text.pooled is None else text.pooled.to(device, dtype),
-        )
+        text = self._reused("text", text.hidden, lambda: self._on_device(text, device, dtype))
         images = [[t, *r] if self.target_first else [*r, t] for t, r in zip(target, refs)]
         grids = [[self._grid(x, i) for x in sample] for i, sample in enumerate(images)]
         packing = self._memo(
@@ -588,6 +608,16 @@ class PackedDiT(nn.Module):
             start, end = packing.target_span(i)
             velocities.append(self._unpatchify(out[i, start:end], *grid[packing.target_slot]))
         return velocities
+
+    @staticmethod
+    def _on_device(text: TextConditioning, device: torch.device, dtype: torch.dtype) -> TextConditioning:
+        """The conditioning on the model's device and dtype; a mask of all True becomes None."""
+        mask = text.mask.to(device).bool()
+        return TextConditioning(
+            text.hidden.to(device, dtype),
+            None if bool(mask.all()) else mask,  # one check per call, not per attention layer
+            None if text.pooled is None else text.pooled.to(device, dtype),
+        )
 
     def _grid(self, latent: Tensor, sample: int) -> tuple[int, int]:
         """The (h, w) token grid of one [C, H, W] latent, checked against the model's channels and patch."""
@@ -658,7 +688,7 @@ class SD3Kontext(PackedDiT):
         m = self.model
         # SD3 timesteps are sigma·1000, kept in fp32 as the pipeline passes them.
         temb = m.time_text_embed(sigma * 1000, text.pooled)
-        context = m.context_embedder(text.hidden)
+        context = self._reused("context", text.hidden, lambda: m.context_embedder(text.hidden))
         masks = {"image_mask": packing.key_mask, "text_mask": text.mask}
         for block in m.transformer_blocks:
             context, hidden = self._run_block(block, hidden, context, temb, masks)
@@ -735,7 +765,7 @@ class QwenImageEdit(_PackedLatentsDiT):
         ):  # 2511: reference tokens modulated at t = 0 (stock: cat([t, 0·t]) + per-token index)
             timestep = torch.cat([timestep, timestep * 0])
             modulate_index = (~packing.target_mask).int()
-        context = m.txt_in(m.txt_norm(text.hidden))
+        context = self._reused("context", text.hidden, lambda: m.txt_in(m.txt_norm(text.hidden)))
         temb = m.time_text_embed(timestep, hidden)
         rotary = self.rotary(packing, text.hidden.shape[1], hidden.device)
         masks = {"image_mask": packing.key_mask}
@@ -799,7 +829,7 @@ class FluxKontext(_PackedLatentsDiT):
             temb = m.time_text_embed(timestep, text.pooled)
         else:
             temb = m.time_text_embed(timestep, torch.full_like(timestep, self.guidance) * 1000, text.pooled)
-        context = m.context_embedder(text.hidden)
+        context = self._reused("context", text.hidden, lambda: m.context_embedder(text.hidden))
         rotary = self.rotary(packing, text.hidden.shape[1], hidden.device)
         masks = {"image_mask": packing.key_mask, "text_mask": text.mask}
         for block in [*m.transformer_blocks, *m.single_transformer_blocks]:

@@ -4,7 +4,9 @@ sampling."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -15,13 +17,22 @@ from lightning_modules.components.distill import (
     consistency_loss,
     dmd_gradient,
     dmd_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
     jump,
     segment_end,
 )
 from lightning_modules.consistency import TrajectoryMapping
 from lightning_modules.dmd import DMD
 from lightning_modules.flow_edit import FlowEdit
-from tests.lightning_modules.test_flow_edit import QUIET, TINY, loader, make_batch, tokenizer_cache  # noqa: F401
+from tests.lightning_modules.test_flow_edit import (  # noqa: F401
+    QUIET,
+    TINY,
+    loader,
+    make_batch,
+    tiny,
+    tokenizer_cache,
+)
 
 QWEN = TINY["qwen_image_edit"]
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -72,6 +83,14 @@ def test_dmd_loss_value_and_gradient():
     assert x.grad.tolist() == pytest.approx([1.0, -1.0])
 
 
+def test_gan_losses_are_the_non_saturating_ones():
+    # l_fake = [0, ln 3], l_real = [ln 3, 0]; softplus(0) = ln 2, softplus(ln 3) = ln 4, softplus(-ln 3) = ln 4/3
+    # L_G = (ln 2 + ln 4/3) / 2 = ln(8/3) / 2; L_D = (ln 2 + ln 4) / 2 + (ln 4/3 + ln 2) / 2 = ln(64/3) / 2
+    fake, real = torch.tensor([0.0, math.log(3)]), torch.tensor([math.log(3), 0.0])
+    assert gan_generator_loss(fake).item() == pytest.approx(math.log(8 / 3) / 2)
+    assert gan_discriminator_loss(fake, real).item() == pytest.approx(math.log(64 / 3) / 2)
+
+
 # --- building ---------------------------------------------------------------------------------------------
 
 
@@ -115,6 +134,38 @@ def test_a_teacher_checkpoint_of_another_architecture_is_refused_by_name(tmp_pat
         build(teacher=other)
 
 
+def test_a_teacher_checkpoint_without_a_backbone_diverged_or_sharded_is_refused_by_name(tmp_path):
+    path = teacher_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({"state_dict": {"codec.x": torch.zeros(1)}}, tmp_path / "vae_only.ckpt")
+    with pytest.raises(ValueError, match=r"vae_only.ckpt holds no `backbone.\*` weights"):
+        build(init_checkpoint=str(tmp_path / "vae_only.ckpt"), init_ema=False)
+    name = next(k for k in ckpt["callbacks"]["EMA"]["ema"] if k.endswith("weight"))
+    ckpt["callbacks"]["EMA"]["ema"][name][0] = float("nan")  # the teacher's run diverged
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=rf"nan.ckpt has non-finite.*{name[len('backbone.') :]}"):
+        build(init_checkpoint=str(tmp_path / "nan.ckpt"))
+    (tmp_path / "sharded.ckpt").mkdir()
+    with pytest.raises(ValueError, match="sharded checkpoint folder"):
+        build(init_student=str(tmp_path / "sharded.ckpt"))
+
+
+def test_a_non_finite_consistency_loss_is_a_counted_skip_that_stops_the_run(monkeypatch):
+    # a teacher gone NaN: RunHealth (on in every omnilab run) drops the step on all ranks, counts it, then stops
+    from callbacks.health import NonFiniteStepError, RunHealth
+
+    model = build(student_steps=[2], teacher_steps=4, teacher_guidance=1.0, target="student")
+    monkeypatch.setattr(
+        model.teacher, "forward", lambda x, *a, **k: [torch.full_like(xi, float("nan")) for xi in x]
+    )
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    health = RunHealth(max_consecutive_skips=2)
+    with pytest.raises(NonFiniteStepError, match="2 optimizer steps in a row"):
+        L.Trainer(**QUIET, max_steps=3, callbacks=[health]).fit(model, loader(make_batch(2), repeats=3))
+    assert health.skipped == 2
+    assert not moved(before, dict(model.backbone.named_parameters()))
+
+
 def test_the_student_samples_at_8_4_2_and_1_steps_on_its_training_grid():
     model = build()
     batch = make_batch(2)
@@ -129,6 +180,38 @@ def test_the_student_samples_at_8_4_2_and_1_steps_on_its_training_grid():
         assert len(calls) == steps and torch.equal(torch.stack(calls, 1), grid[:, :-1])
         assert torch.equal(model.student_grid(steps, [64, 96]), model.sigmas(steps, [64, 96]))
     assert model.sampler["guidance"] == 1.0 and model.sampler["steps"] == 8  # the student: 8 steps, no CFG
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "qwen_image_edit",
+        pytest.param("sd3_kontext", marks=pytest.mark.slow),
+        pytest.param("flux_kontext", marks=pytest.mark.slow),
+    ],
+)
+def test_the_sampler_projects_each_text_once_per_call_with_the_same_images(family, monkeypatch):
+    # the per-step overhead removed for the 12x goal: the text stream's input projection (and the conditioning's
+    # device copy) once per conditioning and call, not per step; the images are bit-identical to per-step calls
+    model = tiny(family)
+    m = model.backbone.model
+    projection = m.txt_in if family == "qwen_image_edit" else m.context_embedder
+    calls = []
+    projection.register_forward_hook(lambda *args: calls.append(1))
+    batch = make_batch(2)
+
+    def images():
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return model.sample(batch["refs"], batch["instruction"], size=(32, 32), steps=3, generator=gens)
+
+    cached = images()
+    assert len(calls) == 2  # CFG: the prompt's and the negative prompt's, each once over 3 steps
+    calls.clear()
+    monkeypatch.setattr(type(model.backbone), "reuse_condition", lambda self: contextlib.nullcontext())
+    per_step = images()
+    assert len(calls) == 6
+    assert all(torch.equal(a, b) for a, b in zip(cached, per_step))
+    assert model.backbone._condition_cache is None  # nothing is kept past the call
 
 
 # --- the consistency target -------------------------------------------------------------------------------
@@ -166,6 +249,48 @@ def test_off_the_grid_the_target_is_the_ema_students_jump():
         moved = float(model.training_step(batch, 0))
     assert abs(moved - same) > 1e-6
     assert all(torch.equal(p, q) for p, q in zip(model.backbone.parameters(), model.teacher.parameters()))
+
+
+def test_a_tiny_fit_logs_finite_fid_and_kid_of_the_students_samples_with_the_named_extractor(tmp_path):
+    from safetensors.torch import save_file
+
+    from metrics.distribution import TinyEncoder
+
+    encoder = TinyEncoder()
+    save_file(encoder.state_dict(), str(tmp_path / "encoder.safetensors"))
+    val_fid = {"weights_path": str(tmp_path / "encoder.safetensors"), "kid_subset_size": 50}
+    model = build(student_steps=[2], teacher_steps=4, target="student", val_sample_steps=2, val_fid=val_fid)
+    trainer = L.Trainer(**QUIET, max_steps=1, limit_val_batches=2)
+    trainer.fit(model, loader(make_batch(3)), loader(make_batch(3, seed=1), repeats=2))
+    metrics = trainer.callback_metrics
+    for key in ("val/fid", "val/kid", "val/kid_std", "val/pixel_mse"):
+        assert math.isfinite(float(metrics[key])), key
+    # both validation batches entered (batch 0's samples reused, batch 1's drawn); KID's subset capped at 6
+    extractor = model.scores().fid.inception
+    assert model.scores().kid.subset_size == 6
+    assert all(
+        torch.equal(a, b) for a, b in zip(extractor.state_dict().values(), encoder.state_dict().values())
+    )
+    assert not any("inception" in k or "scores" in k for k in model.state_dict())  # not a submodule
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.safetensors"):
+        build(val_fid={"weights_path": "nowhere.safetensors"}).scores()
+    with pytest.raises(ValueError, match=r"val_fid: unknown keys \['extractor'\]"):
+        build(val_fid={"extractor": "tiny"})
+    assert build(val_fid={"batches": 0}).scores() is None
+
+
+def test_the_fid_encoder_trains_on_the_training_targets_and_is_written_once(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "fid" / "encoder.safetensors"
+    model = build(val_fid={"weights_path": str(path), "fit_steps": 2, "fit_images": 4})
+    assert math.isfinite(model.fit_fid_encoder(loader(make_batch(3), repeats=2)))
+    trained = model.scores().fid.inception.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in load_file(str(path)).items())
+    assert model.fit_fid_encoder(loader(make_batch(3))) is None  # its file exists now: loaded, not refitted
+    assert (
+        build(val_fid={"fit_steps": 0}).fit_fid_encoder(loader(make_batch(3))) is None
+    )  # seeded random init
 
 
 # --- DMD ------------------------------------------------------------------------------------------------------
@@ -249,11 +374,57 @@ def test_a_diverging_critic_is_skipped_counted_then_stops_the_run(monkeypatch):
     assert not moved(before, dict(model.backbone.named_parameters()))  # no garbage update reached the student
 
 
-def test_gan_head_is_refused_and_critic_updates_checked():
-    with pytest.raises(NotImplementedError, match="GAN head"):
+def test_gan_settings_are_checked_and_default_to_dmd2s_weights():
+    with pytest.raises(ValueError, match=r"DMD.gan: unknown keys \['weight'\]"):
         DMD(**QWEN, gan={"weight": 5e-3})
     with pytest.raises(ValueError, match="critic_updates"):
         DMD(**QWEN, critic_updates=0)
+    with pytest.raises(ValueError, match=r"gan.layer=5: the DiT has 1 transformer blocks"):
+        build(DMD, gan={"layer": 5})
+    model = DMD(**QWEN, gan={})
+    assert (model.gan["generator_weight"], model.gan["critic_weight"]) == (5e-3, 1e-2)
+    assert DMD(**QWEN).gan is None and DMD(**QWEN).gan_head is None  # off by default
+
+
+def gradients(model, batch):
+    """The student's and the critic's (with the head's) gradients of one DMD training step at step 0."""
+    model.trainer = L.Trainer(**QUIET, max_steps=1)
+    model.log = lambda *args, **kwargs: None
+    model.train().training_step(batch, 0).backward()
+    grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad.clone()  # noqa: E731
+    return [grad(p) for p in model.student_parameters()], [grad(p) for p in model.critic_parameters()]
+
+
+def test_the_gan_generator_loss_reaches_the_student_only():
+    # DMD2 zeroes the critic's gradients of the generator's GAN loss; here one backward subtracts the same loss
+    # of the detached fakes: the critic's and the head's gradients equal those without the generator term,
+    # the student's differ
+    batch = make_batch(2)
+    with_g = gradients(build(DMD, critic_updates=1, gan={"generator_weight": 1.0}), batch)
+    without = gradients(build(DMD, critic_updates=1, gan={"generator_weight": 0.0}), batch)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(with_g[1], without[1]))
+    assert any(a.abs().sum() > 0 for a in with_g[1][-4:])  # the head trains (on the critic's loss)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(with_g[0], without[0]))
+
+
+@pytest.mark.parametrize(
+    "lora", [None, pytest.param(LORA, marks=pytest.mark.slow)], ids=["full_critic", "lora_critic"]
+)
+def test_a_tiny_dmd_fit_with_the_gan_head(lora):
+    model = build(DMD, critic_updates=2, critic_lora=lora, lr=1e-2, critic_lr=1e-2, gan={})
+    head = {n: p.detach().clone() for n, p in model.gan_head.named_parameters()}
+    student = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    trainer = L.Trainer(**QUIET, max_steps=2)
+    trainer.fit(model, loader(make_batch(2), repeats=2))
+    metrics = trainer.callback_metrics
+    for key in ("train/gan_critic_loss", "train/gan_generator_loss", "train/dmd_loss", "train/critic_loss"):
+        assert math.isfinite(float(metrics[key])), key
+    assert moved(head, dict(model.gan_head.named_parameters()))
+    assert moved(student, dict(model.backbone.named_parameters()))
+    assert model.skips == 0 and {g["name"] for g in trainer.optimizers[0].param_groups} == {
+        "student",
+        "critic",
+    }
 
 
 def test_the_student_decodes_with_its_teachers_fitted_vae(tmp_path):

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from metrics.distribution import TinyEncoder, build_feature_extractor, distribution_metrics
+from metrics.distribution import (
+    TinyEncoder,
+    build_feature_extractor,
+    distribution_metrics,
+    fit_tiny_encoder,
+    info_nce,
+)
 
 
 class MeanColour(nn.Module):
@@ -56,3 +64,30 @@ def test_missing_weights_are_named():
         build_feature_extractor("tiny", "nope.safetensors")
     with pytest.raises(ValueError, match="choose tiny, clip or inception"):
         build_feature_extractor("vgg")
+
+
+def test_info_nce_by_hand():
+    # a = b = [e1, e2], T = 1: logits [[1, 0], [0, 1]], each row's CE = -log(e / (e + 1)) = log(1 + 1/e)
+    eye = torch.eye(2)
+    assert float(info_nce(eye, eye, temperature=1.0)) == pytest.approx(math.log(1 + math.exp(-1)))
+
+
+def test_the_tiny_encoder_trains_in_the_suite_deterministically():
+    # 8 images of distinct colours and stripe positions: the contrastive loss falls well below chance (log 8)
+    images = []
+    for i in range(8):
+        image = torch.zeros(3, 16, 16)
+        image[i % 3] = 0.2 + 0.08 * i
+        image[:, :, 2 * i : 2 * i + 2] = 1.0
+        images.append(image)
+    encoder, loss = fit_tiny_encoder(images, steps=20, batch_size=8, size=16, seed=3)
+    again, _ = fit_tiny_encoder(images, steps=20, batch_size=8, size=16, seed=3)
+    assert loss < 0.5 * math.log(8), loss
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), again.state_dict().values()))
+    seeded = build_feature_extractor("tiny", seed=3)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), seeded.state_dict().values())
+    )
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fit_tiny_encoder(images[:1])
