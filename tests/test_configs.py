@@ -50,7 +50,7 @@ def test_a_nested_command_line_override_sets_one_leaf_typed():
     )
     config = cli.config.model.init_args.backbone["config"]
     assert config["num_layers"] == 1 and isinstance(config["num_layers"], int)
-    assert config["attention_head_dim"] == 16 and config["zero_cond_t"] is True
+    assert config["attention_head_dim"] == 64 and config["zero_cond_t"] is True
     assert cli.model.hparams["backbone"]["config"]["num_layers"] == 1
 
 
