@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metrics.layout import relative_position  # GenEval's position rule, one place
 from rewards.base import Reward, RewardError, check_batch, to_uint8
 from rewards.reward_model import resolve_device
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-THRESHOLD, COUNT_THRESHOLD, MAX_OBJECTS, POSITION_SHRINK = 0.3, 0.9, 16, 0.1
+THRESHOLD, COUNT_THRESHOLD, MAX_OBJECTS = 0.3, 0.9, 16
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -51,30 +52,6 @@ class Detection:
     score: float
     box: tuple[float, float, float, float]
     mask: np.ndarray | None = None
-
-
-def relative_position(
-    a: tuple[float, ...], b: tuple[float, ...], shrink: float = POSITION_SHRINK
-) -> set[str]:
-    """The relations of box a to box b ("left of", "right of", "above", "below"; image y points down)."""
-    boxes = np.array([a, b], dtype=np.float64).reshape(2, 2, 2)
-    centre_a, centre_b = boxes.mean(axis=1)
-    size_a, size_b = np.abs(boxes[:, 1] - boxes[:, 0])
-    offset = centre_a - centre_b
-    revised = np.maximum(np.abs(offset) - shrink * (size_a + size_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    out = set()
-    if dx < -0.5:
-        out.add("left of")
-    if dx > 0.5:
-        out.add("right of")
-    if dy < -0.5:
-        out.add("above")
-    if dy > 0.5:
-        out.add("below")
-    return out
 
 
 def evaluate(
