@@ -37,10 +37,13 @@ TINY = ROOT / "experiments" / "unipic3" / "tiny.yaml"
 
 
 def model_args(width: int) -> dict[str, Any]:
-    """The tiny UniPic-3 model arguments (backbone heads scaled to `width` / 16)."""
+    """The tiny UniPic-3 model arguments (backbone heads scaled to `width` / the config's head dim)."""
     args = yaml.safe_load(BASE.read_text())["model"]["init_args"]
     args["backbone"] = yaml.safe_load(TINY.read_text())["model"]["init_args"]["backbone"]
-    args["backbone"]["config"] = {**args["backbone"]["config"], "num_attention_heads": width // 16}
+    config = args["backbone"]["config"]
+    if width % config["attention_head_dim"]:
+        raise SystemExit(f"--width {width}: give a multiple of the head dim {config['attention_head_dim']}")
+    args["backbone"]["config"] = {**config, "num_attention_heads": width // config["attention_head_dim"]}
     for key in ("lr_schedule", "warmup_steps", "sampler", "val_sample_steps"):
         args.pop(key, None)
     return args
@@ -98,7 +101,7 @@ def fixed_costs(model: DMD, data: dict[str, Any], side: int, repeats: int) -> di
 def main(argv: list[str] | None = None) -> None:
     """Measure the sampling ratio and DMD's step-time ratio; write the RESULTS.md section."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=64, help="DiT width (heads x 16)")
+    parser.add_argument("--width", type=int, default=128, help="DiT width (heads x head dim)")
     parser.add_argument("--side", type=int, default=64, help="target side in px (4 px per token)")
     parser.add_argument("--refs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
