@@ -238,6 +238,15 @@ def write_index(out_dir: str | Path, **fields: Any) -> Path:
     return path
 
 
+def split_entry(shards: list[tuple[str, int]], samples: int) -> dict[str, Any]:
+    """One split of an index: {shards, counts, samples} from a ShardWriter's [(name, count), ...]."""
+    return {
+        "shards": [name for name, _ in shards],
+        "counts": [count for _, count in shards],
+        "samples": samples,
+    }
+
+
 def read_index(data_dir: str | Path | None) -> dict[str, Any] | None:
     """The index JSON written beside a shard set, or None when there is none."""
     if data_dir is None:

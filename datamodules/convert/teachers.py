@@ -39,7 +39,7 @@ from rich.progress import track
 
 from datamodules.convert.edit_jsonl import add_ignore_keys, check_keys
 from datamodules.convert.restoration import sample_key
-from datamodules.webdataset import ShardWriter, write_index
+from datamodules.webdataset import ShardWriter, split_entry, write_index
 
 TEACHER_HELP = {
     "depth": "Depth-Anything-V2 weights in the hub layout (e.g. depth-anything/Depth-Anything-V2-Large-hf)",
@@ -221,9 +221,7 @@ def convert_records(
     index = write_index(
         out,
         kind="scenes",
-        splits={
-            split: {"shards": [n for n, _ in shards], "counts": [c for _, c in shards], "samples": written}
-        },
+        splits={split: split_entry(shards, written)},
         skipped=dict(skipped),
     )
     return index, written, skipped

@@ -39,7 +39,7 @@ from PIL import Image
 
 from datamodules.convert.edit_jsonl import add_ignore_keys, check_keys
 from datamodules.convert.restoration import sample_key
-from datamodules.webdataset import ShardWriter, write_index
+from datamodules.webdataset import ShardWriter, split_entry, write_index
 
 FORMATS = ("mmbench", "mmvp", "hallusionbench", "realworldqa", "vsr")
 # the columns / keys of each released layout; any other is refused (--ignore-keys)
@@ -309,9 +309,7 @@ def convert_bench(
     index = write_index(
         out,
         kind="scenes",
-        splits={
-            split: {"shards": [n for n, _ in shards], "counts": [c for _, c in shards], "samples": written}
-        },
+        splits={split: split_entry(shards, written)},
         skipped=dict(skipped),
     )
     return index, written, skipped

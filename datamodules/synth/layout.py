@@ -31,7 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.synth.multiref import BACKGROUNDS, COLOURS, Placed, Thing, png, random_background, render
+from datamodules.synth.multiref import (
+    BACKGROUNDS,
+    COLOURS,
+    Placed,
+    Thing,
+    random_background,
+    render,
+    sample_record,
+)
 from lightning_modules.components.layout import Layout, Region, format_box, parse_layout, to_grid
 from metrics.layout import RELATIONS, relative_position
 from omnilab.seeding import numpy_rng
@@ -273,21 +281,8 @@ def make_sample(split: str, index: int, seed: int) -> dict[str, Any]:
     instruction, refs, target, fields = make_edit(rng) if task == "edit" else make_t2i(rng, split)
     key = f"{split}_{index:06d}"
     layout: Layout = parse_layout(instruction, repair=False)
-    meta = {
-        "instruction": instruction,
-        "caption": layout.caption,
-        "layout": layout.to_json(),
-        "n_refs": len(refs),
-        "source": "synth",
-        "orig_id": key,
-        "ref_sizes": [[r.shape[1], r.shape[0]] for r in refs],
-        "target_size": [target.shape[1], target.shape[0]],
-        **fields,
-    }
-    sample: dict[str, Any] = {"__key__": key, "json": meta, "target.png": png(target)}
-    for k, ref in enumerate(refs):
-        sample[f"ref{k}.png"] = png(ref)
-    return sample
+    text = {"instruction": instruction, "caption": layout.caption, "layout": layout.to_json()}
+    return sample_record(key, text, refs, target, fields)
 
 
 def samples(split: str, count: int, seed: int) -> Iterator[dict[str, Any]]:

@@ -535,9 +535,15 @@ def make_sample(split: str, index: int, seed: int) -> dict[str, Any]:
         instruction, refs, target, fields = make_compose(rng, int(rng.integers(2, 7)))
     else:
         instruction, refs, target, fields = make_t2i(rng)
-    key = f"{split}_{index:06d}"
+    return sample_record(f"{split}_{index:06d}", {"instruction": instruction}, refs, target, fields)
+
+
+def sample_record(
+    key: str, text: dict[str, Any], refs: list[np.ndarray], target: np.ndarray, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """A generated sample in the multiref layout: json (`text`, sizes, `fields`), target.png and ref<k>.png."""
     meta = {
-        "instruction": instruction,
+        **text,
         "n_refs": len(refs),
         "source": "synth",
         "orig_id": key,
